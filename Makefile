@@ -1,0 +1,29 @@
+# hvcodistill: `make demo` and `make test` set everything up on first use (scripts/setup.sh).
+PY      := .venv/bin/python
+READY   := .venv/.hvcodistill-ready
+NP      ?= 4
+
+.PHONY: setup demo test test-unit bench lint clean
+
+setup:
+	bash scripts/setup.sh
+	@touch $(READY)
+
+$(READY): scripts/setup.sh pyproject.toml
+	bash scripts/setup.sh
+	@touch $@
+
+demo: $(READY)
+	$(PY) -m hvcodistill.demo
+
+test: $(READY)
+	$(PY) -m pytest -q
+
+test-unit: $(READY)
+	$(PY) -m pytest -q -m "not mpi and not slurm"
+
+bench: $(READY)
+	$(PY) -m hvcodistill.launch -np $(NP) $(PY) -m hvcodistill.bench
+
+clean:
+	rm -rf runs .pytest_cache

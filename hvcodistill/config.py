@@ -1,0 +1,228 @@
+"""One typed config: defaults -> YAML file -> `dotted.key=value` overrides; unknown keys are errors.
+
+Every key of the public contract (DESIGN.md) lives here with its default and a one-line meaning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from hvcodistill.errors import ConfigError
+
+
+@dataclass
+class CodistillConfig:
+    n_models: int = 2                  # M: models trained at once; 1 = plain all-reduce baseline
+    mode: str = "predictions"          # predictions | weights (what peers exchange)
+    every: int = 1                     # k: exchange every k steps
+    alpha: float = 1.0                 # weight of the distillation term; 0 turns codistillation off
+    distance: str = "kl"               # kl | ce | mse
+    temperature: float = 1.0           # softmax temperature for kl / ce
+    burn_in_steps: int = 0             # alpha is 0 before this step
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"               # digits | synthetic | npz | cifar10 | imagenet
+    path: str = ""                     # .npz file, CIFAR-10 folder or ImageFolder root
+    order: str = "shared"              # shared: peers see identical batches | disjoint: different ones
+    augment: bool = False              # random crops/flips (cifar10, imagenet)
+    workers: int = 0                   # DataLoader worker processes per rank
+    synthetic_shape: list = field(default_factory=lambda: [3, 32, 32])
+    synthetic_classes: int = 10
+    synthetic_train_size: int = 1024
+    synthetic_val_size: int = 256
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"                  # mlp | cnn | resnet18_cifar | resnet50 | resnext101_32x8d
+    hidden: list = field(default_factory=lambda: [128])   # the MLP's hidden sizes
+    init_seed: Optional[int] = None    # model i starts from (init_seed or train.seed) + i
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                  # sgd | adamw
+    lr: Optional[float] = None         # null: Goyal et al., 0.1 x per-model batch / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4         # initial weight decay
+    unit: str = "epochs"               # unit of warmup and milestones: epochs | steps
+    lr_schedule: str = "step"          # step | cosine | constant (after linear warm-up)
+    warmup: float = 0.0                # linear warm-up length
+    lr_milestones: list = field(default_factory=list)   # step decay: lr *= lr_gamma at each
+    lr_gamma: float = 0.1
+    wd_milestones: list = field(default_factory=list)   # weight decay becomes wd_values[i] at each
+    wd_values: list = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0                     # updates per model; 0: use epochs
+    epochs: float = 0.0                # passes over the training set per model
+    batch_size: int = 32               # per rank; a model's batch is group_size x this
+    seed: int = 0
+    amp: str = "none"                  # none | bf16 | fp16 (fp16 on GPU only)
+    device: str = "auto"               # auto | cpu | cuda
+    log_every: int = 10                # steps between metrics.jsonl / TensorBoard points
+    eval_every: int = 0                # steps between validations; 0: only at the end
+    progress: bool = True              # a progress bar on world rank 0
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"          # run directory (config.yaml, metrics.jsonl, tb/, summary.json)
+
+
+@dataclass
+class Config:
+    codistill: CodistillConfig = field(default_factory=CodistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "codistill.mode": ("predictions", "weights"),
+    "codistill.distance": ("kl", "ce", "mse"),
+    "data.name": ("digits", "synthetic", "npz", "cifar10", "imagenet"),
+    "data.order": ("shared", "disjoint"),
+    "model.name": ("mlp", "cnn", "resnet18_cifar", "resnet50", "resnext101_32x8d"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.unit": ("epochs", "steps"),
+    "optim.lr_schedule": ("step", "cosine", "constant"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Cast a YAML/CLI value to the field's type, or fail naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union and type(None) in args:      # Optional[X]
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return list(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    sub = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(cfg)} else None
+    fields = {f.name: f for f in dataclasses.fields(sub)} if sub is not None else {}
+    if not name or name not in fields:
+        raise ConfigError(f"unknown config key {key!r} (see hvcodistill/config.py for the keys)")
+    hints = typing.get_type_hints(type(sub))
+    setattr(sub, name, _coerce(key, value, hints[name]))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
+    """Defaults, then the YAML file, then `dotted.key=value` overrides (values parsed as YAML)."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+    for item in overrides or []:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} must be dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no topology; each failure names its key."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(choices)}")
+    c, t, o = cfg.codistill, cfg.train, cfg.optim
+    positive = {"codistill.every": c.every, "train.batch_size": t.batch_size,
+                "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key {key} must be >= 1, got {value}")
+    non_negative = {"codistill.alpha": c.alpha, "codistill.burn_in_steps": c.burn_in_steps,
+                    "train.steps": t.steps, "train.epochs": t.epochs, "train.eval_every": t.eval_every,
+                    "optim.warmup": o.warmup, "optim.weight_decay": o.weight_decay,
+                    "data.workers": cfg.data.workers}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key {key} must be >= 0, got {value}")
+    if c.temperature <= 0:
+        raise ConfigError(f"config key codistill.temperature must be > 0, got {c.temperature}")
+    if o.lr is not None and o.lr <= 0:
+        raise ConfigError(f"config key optim.lr must be > 0 (or null for 0.1 x batch / 256), got {o.lr}")
+    if (t.steps > 0) == (t.epochs > 0):
+        raise ConfigError("set exactly one of train.steps and train.epochs (the other 0)")
+    if c.mode == "predictions" and cfg.data.order != "shared" and c.n_models > 1:
+        raise ConfigError("codistill.mode=predictions needs data.order=shared: peers must hold the same batch")
+    if len(o.wd_milestones) != len(o.wd_values):
+        raise ConfigError("config keys optim.wd_milestones and optim.wd_values must have the same length")
+    for key, ms in (("optim.lr_milestones", o.lr_milestones), ("optim.wd_milestones", o.wd_milestones)):
+        if list(ms) != sorted(ms) or any(not isinstance(m, (int, float)) or m < 0 for m in ms):
+            raise ConfigError(f"config key {key} must be an increasing list of non-negative numbers")
+    if any(not isinstance(h, int) or h < 1 for h in cfg.model.hidden):
+        raise ConfigError(f"config key model.hidden must be a list of positive integers, got {cfg.model.hidden}")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,274 @@
+"""Datasets the trainer fetches whole batches from, by key ``(epoch, indices)``.
+
+Every random draw (synthetic samples, augmentation) is a pure function of (seed, epoch or split,
+sample index), so peers fetching the same key get bit-identical batches and a resumed run sees
+the same batches again. No MPI, no Horovod, no downloads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hvcodistill.errors import ConfigError
+
+DATA_NAMES = ("digits", "synthetic", "npz", "cifar10", "imagenet")
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
+SYNTHETIC_DEFAULTS: dict[str, Any] = {"shape": [3, 32, 32], "num_classes": 10, "train_size": 1024, "val_size": 256}
+DIGITS_VAL_SIZE = 360
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def mix_seed(*parts: int) -> int:
+    """One 64-bit seed from several integers (numpy's SeedSequence hash: nearby inputs give
+    unrelated seeds, unlike ``seed + epoch + index``)."""
+    entropy = [int(p) & 0xFFFF_FFFF_FFFF_FFFF for p in parts]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+class BatchDataset(Dataset):
+    """Map-style dataset whose items are whole batches: ``ds[(epoch, indices)] -> (x, y)`` with
+    x float32 (B, *input_shape) and y int64 (B,). Used through a DataLoader with batch_size=None
+    and a sampler that yields keys."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def fetch(self, epoch: int, indices: torch.Tensor) -> Batch:
+        raise NotImplementedError
+
+    def __getitem__(self, key: tuple[int, torch.Tensor | Sequence[int]]) -> Batch:
+        epoch, indices = key
+        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        # Lazily generated sets would happily make up samples past the end; refuse like a list.
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
+            raise IndexError(f"batch indices must lie in [0, {len(self)})")
+        return self.fetch(int(epoch), indices)
+
+
+class TensorBatchDataset(BatchDataset):
+    """In-memory tensors, no augmentation: a batch is one vectorised gather."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x.float().contiguous(), y.long().contiguous()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def fetch(self, epoch: int, indices: torch.Tensor) -> Batch:
+        return self.x[indices], self.y[indices]
+
+
+class SyntheticBatchDataset(BatchDataset):
+    """Learnable random data generated on demand: sample i = prototype[label] + N(0, 1) noise, where
+    label and noise come from a generator seeded by (seed, split, i) and prototype[c] ~ N(0, 1)
+    from one seeded by (seed, c). Nothing is stored per sample, so any size costs no memory."""
+
+    _STREAMS = {"prototype": 0, "train": 1, "val": 2}
+    _CACHE_BYTES = 256 << 20  # prototypes kept per process; beyond that they are regenerated
+
+    def __init__(self, *, shape: tuple[int, ...], num_classes: int, size: int, seed: int, split: str) -> None:
+        self.shape, self.num_classes, self.size, self.seed = shape, num_classes, size, seed
+        self.stream = self._STREAMS[split]
+        self._prototypes: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_prototypes": {}}  # don't ship the cache to DataLoader workers
+
+    def prototype(self, label: int) -> torch.Tensor:
+        if label in self._prototypes:
+            return self._prototypes[label]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self._STREAMS["prototype"], label))
+        proto = torch.randn(self.shape, generator=g)
+        if (len(self._prototypes) + 1) * proto.numel() * 4 <= self._CACHE_BYTES:
+            self._prototypes[label] = proto
+        return proto
+
+    def fetch(self, epoch: int, indices: torch.Tensor) -> Batch:
+        x = torch.empty((len(indices), *self.shape))
+        y = torch.empty(len(indices), dtype=torch.int64)
+        for row, i in enumerate(indices.tolist()):
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.stream, i))
+            y[row] = int(torch.randint(self.num_classes, (1,), generator=g))
+            x[row].normal_(generator=g)
+        for label in y.unique().tolist():
+            x[y == label] += self.prototype(label)
+        return x, y
+
+
+class TransformBatchDataset(BatchDataset):
+    """Wraps a per-sample torchvision dataset ``base[i] -> (tensor, label)`` whose transform draws
+    from torch's global CPU generator. Each sample's transform runs with that generator seeded by
+    (seed, epoch, i) and restored afterwards, so augmentation is reproducible and the caller's
+    random stream is left untouched."""
+
+    def __init__(self, base: Dataset, *, seed: int) -> None:
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def fetch(self, epoch: int, indices: torch.Tensor) -> Batch:
+        xs, ys = [], []
+        for i in indices.tolist():
+            with torch.random.fork_rng(devices=[]):
+                # Seed only the CPU generator: torch.manual_seed would also reseed CUDA generators.
+                torch.default_generator.manual_seed(mix_seed(self.seed, epoch, i))
+                x, y = self.base[i]
+            xs.append(x)
+            ys.append(int(y))
+        return torch.stack(xs).float(), torch.tensor(ys, dtype=torch.int64)
+
+
+@dataclass
+class DataSpec:
+    train: BatchDataset
+    val: BatchDataset
+    input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8)
+    num_classes: int
+
+
+def build_datasets(name: str, *, path: str = "", seed: int = 0, augment: bool = False,
+                   synthetic: Mapping[str, Any] | None = None) -> DataSpec:
+    """Train and validation sets by ``data.name``. ``seed`` drives synthetic data and augmentation;
+    it must be the same on peers that share batches. ``augment`` applies to cifar10 and imagenet
+    (the others are in-memory or synthetic and are never augmented)."""
+    if name == "digits":
+        return _digits()
+    if name == "synthetic":
+        return _synthetic(synthetic or {}, seed)
+    if name == "npz":
+        return _npz(path)
+    if name == "cifar10":
+        return _cifar10(path, seed, augment)
+    if name == "imagenet":
+        return _imagenet(path, seed, augment)
+    raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATA_NAMES)}")
+
+
+def _tensor_spec(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> DataSpec:
+    num_classes = int(max(y_train.max(), y_val.max())) + 1
+    train = TensorBatchDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
+    val = TensorBatchDataset(torch.from_numpy(x_val), torch.from_numpy(y_val))
+    return DataSpec(train, val, tuple(x_train.shape[1:]), num_classes)
+
+
+def _digits() -> DataSpec:
+    """scikit-learn's 8x8 digits (ships offline). The split is fixed, independent of the run seed,
+    so every run is scored on the same 360 validation images."""
+    from sklearn.datasets import load_digits  # only this dataset needs scikit-learn
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    x = digits.data[order].reshape(-1, 1, 8, 8) / 16.0
+    y = digits.target[order].astype(np.int64)
+    n_train = len(y) - DIGITS_VAL_SIZE
+    # Standardise in float64 with train statistics only, then cast: identical on every machine.
+    x = ((x - x[:n_train].mean()) / x[:n_train].std()).astype(np.float32)
+    return _tensor_spec(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _synthetic(cfg: Mapping[str, Any], seed: int) -> DataSpec:
+    unknown = sorted(set(cfg) - set(SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"data.synthetic: unknown key(s) {unknown}; allowed: {', '.join(SYNTHETIC_DEFAULTS)}")
+    cfg = {**SYNTHETIC_DEFAULTS, **cfg}
+    if not isinstance(cfg["shape"], Sequence) or not cfg["shape"]:
+        raise ConfigError(f"data.synthetic.shape: expected a list of positive integers, got {cfg['shape']!r}")
+    shape = tuple(_positive_int(d, "data.synthetic.shape") for d in cfg["shape"])
+    num_classes = _positive_int(cfg["num_classes"], "data.synthetic.num_classes", minimum=2)
+    sizes = {split: _positive_int(cfg[f"{split}_size"], f"data.synthetic.{split}_size") for split in ("train", "val")}
+    train, val = (SyntheticBatchDataset(shape=shape, num_classes=num_classes, size=sizes[split], seed=seed, split=split)
+                  for split in ("train", "val"))
+    return DataSpec(train, val, shape, num_classes)
+
+
+def _npz(path: str) -> DataSpec:
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"data.path: npz file {path!r} not found")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.path: cannot read {path!r} as .npz: {e}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ConfigError(f"data.path: {path!r} is a single array, expected an .npz with {', '.join(NPZ_KEYS)}")
+    with archive:
+        for key in NPZ_KEYS:
+            if key not in archive.files:
+                raise ConfigError(f"data.path: {path!r} has no array {key!r} (needs {', '.join(NPZ_KEYS)})")
+        arrays = {key: archive[key] for key in NPZ_KEYS}
+    for split in ("train", "val"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        where = f"data.path: {path!r} array"
+        if x.ndim < 2 or x.dtype.kind not in "biuf" or len(x) == 0:
+            raise ConfigError(f"{where} 'x_{split}' must be numeric (N, ...) with N > 0, got {x.dtype} {x.shape}")
+        if y.shape != (len(x),):
+            raise ConfigError(f"{where} 'y_{split}' must have shape ({len(x)},) to match 'x_{split}', got {y.shape}")
+        if y.dtype.kind not in "biuf" or (y < 0).any() or (y != np.round(y)).any():
+            raise ConfigError(f"{where} 'y_{split}' must hold non-negative integer labels")
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x.astype(np.float32), y.astype(np.int64)
+    if arrays["x_train"].shape[1:] != arrays["x_val"].shape[1:]:
+        raise ConfigError(f"data.path: {path!r} array 'x_val' per-sample shape {arrays['x_val'].shape[1:]} "
+                          f"differs from 'x_train' {arrays['x_train'].shape[1:]}")
+    return _tensor_spec(*(arrays[key] for key in NPZ_KEYS))
+
+
+def _cifar10(path: str, seed: int, augment: bool) -> DataSpec:
+    from torchvision import datasets, transforms as T
+
+    if not os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
+        raise ConfigError(f"data.path: {path!r} must contain cifar-10-batches-py/ (CIFAR-10 python version, "
+                          "downloaded beforehand; nothing is downloaded at run time)")
+    normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    augmentation = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+    try:
+        train = datasets.CIFAR10(path, train=True, transform=T.Compose(augmentation + normalize), download=False)
+        val = datasets.CIFAR10(path, train=False, transform=T.Compose(normalize), download=False)
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise ConfigError(f"data.path: {path!r}/cifar-10-batches-py is unreadable: {e}") from None
+    return DataSpec(TransformBatchDataset(train, seed=seed), TransformBatchDataset(val, seed=seed), (3, 32, 32), 10)
+
+
+def _imagenet(path: str, seed: int, augment: bool) -> DataSpec:
+    from torchvision import datasets, transforms as T
+
+    train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, "val")
+    if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
+        raise ConfigError(f"data.path: {path!r} must hold train/<class>/<image> and val/<class>/<image> "
+                          "(ImageFolder layout, same class folders in both)")
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    center = [T.Resize(256), T.CenterCrop(224)]
+    augmentation = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if augment else center
+    try:
+        train = datasets.ImageFolder(train_dir, transform=T.Compose(augmentation + normalize))
+        val = datasets.ImageFolder(val_dir, transform=T.Compose(center + normalize))
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or a class without images
+        raise ConfigError(f"data.path: {path!r}: {e}") from None
+    if train.classes != val.classes:
+        raise ConfigError(f"data.path: {val_dir!r} class folders differ from {train_dir!r} "
+                          f"({len(val.classes)} vs {len(train.classes)} classes)")
+    return DataSpec(TransformBatchDataset(train, seed=seed), TransformBatchDataset(val, seed=seed),
+                    (3, 224, 224), len(train.classes))
+
+
+__all__ = ["DATA_NAMES", "BatchDataset", "DataSpec", "SyntheticBatchDataset", "TensorBatchDataset",
+           "TransformBatchDataset", "build_datasets", "mix_seed"]

@@ -1,0 +1,67 @@
+"""Learning-rate and weight-decay schedules, and the one cadence predicate.
+
+All are pure functions of the step (updates done so far), so a resumed run recomputes them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def itstime(step: int, every: int, *, total_steps: int | None = None, first: bool = True,
+            last: bool = False) -> bool:
+    """The one cadence predicate for log, exchange, eval and checkpoint.
+
+    True when `every` > 0 divides `step` (step 0 only if `first`), or at `total_steps` if `last`.
+    """
+    if every and every > 0 and step % every == 0 and (first or step > 0):
+        return True
+    return bool(last and total_steps is not None and step == total_steps)
+
+
+def goyal_lr(per_model_batch: int) -> float:
+    """Goyal et al. (2017) linear scaling: 0.1 for every 256 samples of a model's batch."""
+    return 0.1 * per_model_batch / 256
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warm-up from ~0 to base_lr, then step decay, cosine to 0, or constant."""
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    kind: str = "step"                       # step | cosine | constant
+    milestones: Sequence[int] = ()           # steps at which lr *= gamma (kind == step)
+    gamma: float = 0.1
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.kind == "step":
+            return self.base_lr * self.gamma ** sum(step >= m for m in self.milestones)
+        return self.base_lr
+
+
+@dataclass(frozen=True)
+class WDSchedule:
+    """Weight decay that drops to values[i] at milestones[i] (the paper: 1e-4 -> 1e-5 -> 0)."""
+    initial: float
+    milestones: Sequence[int] = ()
+    values: Sequence[float] = ()
+
+    def __call__(self, step: int) -> float:
+        wd = self.initial
+        for m, v in zip(self.milestones, self.values):
+            if step >= m:
+                wd = v
+        return wd
+
+
+def to_steps(value: float, *, unit: str, steps_per_epoch: int) -> int:
+    """A length in `unit` (epochs | steps) as a whole number of steps."""
+    return int(round(value * steps_per_epoch)) if unit == "epochs" else int(value)

@@ -1,0 +1,83 @@
+"""World -> models -> groups and peers: the arithmetic, validated in one place, and the one split.
+
+W ranks train M models; each model is trained data-parallel by a group of G = W / M ranks.
+Placement is contiguous (model_id = world_rank // G), so a model's all-reduce stays inside a node
+whenever G ranks fit on one, and only the small peer traffic crosses the network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvcodistill.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int
+    n_models: int
+
+    def __post_init__(self) -> None:
+        w, m = self.world_size, self.n_models
+        g = w // m if m >= 1 else 0
+        if w < 1 or m < 1 or w % m != 0 or g < 1:
+            raise ConfigError(
+                f"impossible topology: world size W={w}, codistill.n_models M={m}, group size "
+                f"G=W/M={w / m if m else 'undefined'}; W must be a positive multiple of M >= 1")
+
+    @property
+    def group_size(self) -> int:
+        return self.world_size // self.n_models
+
+    def model_id(self, world_rank: int) -> int:
+        return world_rank // self.group_size
+
+    def group_rank(self, world_rank: int) -> int:
+        return world_rank % self.group_size
+
+    def group_members(self, model_id: int) -> list[int]:
+        """World ranks that train `model_id`."""
+        g = self.group_size
+        return list(range(model_id * g, (model_id + 1) * g))
+
+    def peers(self, group_rank: int) -> list[int]:
+        """World ranks that share `group_rank`, one per model, in model order."""
+        return [m * self.group_size + group_rank for m in range(self.n_models)]
+
+    def as_dict(self) -> dict:
+        return {"world_size": self.world_size, "n_models": self.n_models, "group_size": self.group_size}
+
+
+@dataclass
+class Comms:
+    """The communicators of one rank. `group` carries Horovod's all-reduce, `peer` the exchange."""
+    world: object
+    group: object
+    peer: object
+    local: object          # ranks on this node (shared memory), for picking the GPU
+    topology: Topology
+    model_id: int
+    group_rank: int
+
+    @property
+    def world_rank(self) -> int:
+        return self.world.Get_rank()
+
+
+def split_communicators(world, n_models: int) -> Comms:
+    """Split COMM_WORLD once into group_comm (same model) and peer_comm (same group rank)."""
+    from mpi4py import MPI
+
+    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+        # Horovod's background thread and our mpi4py calls share MPI: anything less is unsafe.
+        raise ConfigError("MPI does not provide MPI_THREAD_MULTIPLE; use an MPI built with thread support")
+    topo = Topology(world.Get_size(), n_models)
+    rank = world.Get_rank()
+    model_id, group_rank = topo.model_id(rank), topo.group_rank(rank)
+    # Same color = same model: Horovod averages gradients only among these ranks.
+    group = world.Split(color=model_id, key=group_rank)
+    # Same color = same group rank: the M peers that exchange predictions or weights.
+    peer = world.Split(color=group_rank, key=model_id)
+    # Ranks sharing memory = one node: the node-local rank picks the GPU, found by MPI, not guessed.
+    local = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    return Comms(world=world, group=group, peer=peer, local=local, topology=topo,
+                 model_id=model_id, group_rank=group_rank)
