@@ -23,7 +23,7 @@ test-unit: $(READY)
 	$(PY) -m pytest -q -m "not mpi and not slurm"
 
 bench: $(READY)
-	$(PY) -m hvcodistill.launch -np $(NP) $(PY) -m hvcodistill.bench
+	$(PY) -m hvcodistill.bench -np $(NP)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,6 +5,7 @@ Every key of the public contract (DESIGN.md) lives here with its default and a o
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key {key}: expected true or false, got {value!r}")
+    if annotation in (int, float) and isinstance(value, str):
+        try:                       # YAML reads 1e-5 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if annotation in (int, float) and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
@@ -152,8 +160,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and not prefix:
-            out.update(_flatten(v, key + "."))
+        if not prefix and (isinstance(v, dict) or v is None):   # `run:` left empty is no error
+            out.update(_flatten(v or {}, key + "."))
         else:
             out[key] = v
     return out

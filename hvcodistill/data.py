@@ -7,6 +7,7 @@ the same batches again. No MPI, no Horovod, no downloads.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,42 +71,35 @@ class TensorBatchDataset(BatchDataset):
 
 
 class SyntheticBatchDataset(BatchDataset):
-    """Learnable random data generated on demand: sample i = prototype[label] + N(0, 1) noise, where
-    label and noise come from a generator seeded by (seed, split, i) and prototype[c] ~ N(0, 1)
-    from one seeded by (seed, c). Nothing is stored per sample, so any size costs no memory."""
+    """Learnable random data made on demand: sample i = prototype[label] + N(0, 1) noise, with label
+    and noise drawn from a generator seeded by (seed, split, i). Nothing is stored per sample, so
+    an ImageNet-sized set costs no memory. prototype[c] is one N(0, 1) vector seeded by `seed`,
+    circularly shifted by c * (numel // num_classes): nearly orthogonal across classes, yet one
+    vector in memory and no per-class generation (1000 ImageNet-shaped prototypes would be 600 MB)."""
 
     _STREAMS = {"prototype": 0, "train": 1, "val": 2}
-    _CACHE_BYTES = 256 << 20  # prototypes kept per process; beyond that they are regenerated
 
     def __init__(self, *, shape: tuple[int, ...], num_classes: int, size: int, seed: int, split: str) -> None:
         self.shape, self.num_classes, self.size, self.seed = shape, num_classes, size, seed
         self.stream = self._STREAMS[split]
-        self._prototypes: dict[int, torch.Tensor] = {}
+        g = torch.Generator().manual_seed(mix_seed(seed, self._STREAMS["prototype"]))
+        self._base = torch.randn(math.prod(shape), generator=g)
+        self._shift = len(self._base) // num_classes  # >= 1: build_datasets checks numel >= num_classes
 
     def __len__(self) -> int:
         return self.size
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_prototypes": {}}  # don't ship the cache to DataLoader workers
-
     def prototype(self, label: int) -> torch.Tensor:
-        if label in self._prototypes:
-            return self._prototypes[label]
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self._STREAMS["prototype"], label))
-        proto = torch.randn(self.shape, generator=g)
-        if (len(self._prototypes) + 1) * proto.numel() * 4 <= self._CACHE_BYTES:
-            self._prototypes[label] = proto
-        return proto
+        return self._base.roll(label * self._shift).view(self.shape)
 
     def fetch(self, epoch: int, indices: torch.Tensor) -> Batch:
         x = torch.empty((len(indices), *self.shape))
         y = torch.empty(len(indices), dtype=torch.int64)
         for row, i in enumerate(indices.tolist()):
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.stream, i))
-            y[row] = int(torch.randint(self.num_classes, (1,), generator=g))
-            x[row].normal_(generator=g)
-        for label in y.unique().tolist():
-            x[y == label] += self.prototype(label)
+            label = int(torch.randint(self.num_classes, (1,), generator=g))
+            x[row].normal_(generator=g).add_(self.prototype(label))
+            y[row] = label
         return x, y
 
 
@@ -196,6 +190,8 @@ def _synthetic(cfg: Mapping[str, Any], seed: int) -> DataSpec:
         raise ConfigError(f"data.synthetic.shape: expected a list of positive integers, got {cfg['shape']!r}")
     shape = tuple(_positive_int(d, "data.synthetic.shape") for d in cfg["shape"])
     num_classes = _positive_int(cfg["num_classes"], "data.synthetic.num_classes", minimum=2)
+    if math.prod(shape) < num_classes:
+        raise ConfigError(f"data.synthetic.shape: {list(shape)} has fewer values than num_classes={num_classes}")
     sizes = {split: _positive_int(cfg[f"{split}_size"], f"data.synthetic.{split}_size") for split in ("train", "val")}
     train, val = (SyntheticBatchDataset(shape=shape, num_classes=num_classes, size=sizes[split], seed=seed, split=split)
                   for split in ("train", "val"))
@@ -215,7 +211,10 @@ def _npz(path: str) -> DataSpec:
         for key in NPZ_KEYS:
             if key not in archive.files:
                 raise ConfigError(f"data.path: {path!r} has no array {key!r} (needs {', '.join(NPZ_KEYS)})")
-        arrays = {key: archive[key] for key in NPZ_KEYS}
+        try:
+            arrays = {key: archive[key] for key in NPZ_KEYS}
+        except (OSError, ValueError) as e:  # e.g. object arrays, refused without pickle
+            raise ConfigError(f"data.path: cannot read arrays from {path!r}: {e}") from None
     for split in ("train", "val"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         where = f"data.path: {path!r} array"

@@ -22,7 +22,7 @@ class Topology:
         if w < 1 or m < 1 or w % m != 0 or g < 1:
             raise ConfigError(
                 f"impossible topology: world size W={w}, codistill.n_models M={m}, group size "
-                f"G=W/M={w / m if m else 'undefined'}; W must be a positive multiple of M >= 1")
+                f"G=W/M={f'{w}/{m}' if m else 'undefined'}; W must be a positive multiple of M >= 1")
 
     @property
     def group_size(self) -> int:

@@ -1,0 +1,127 @@
+"""What peers send each other over peer_comm, and the teachers a student distils from.
+
+Every exchange is one MPI Allgather on peer_comm (the M ranks with the same group rank), of raw
+bytes staged on the host, so any dtype travels exactly and any MPI (CUDA-aware or not) works.
+All peers call the same collectives in the same order: the cadence is a pure function of the step.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+
+from hvcodistill.schedules import itstime
+
+
+class BatchMismatchError(RuntimeError):
+    """Peers in `predictions` mode did not hold the same batch; `report`: this rank says so."""
+
+    def __init__(self, message: str, report: bool):
+        super().__init__(message)
+        self.report = report
+
+
+class Exchange:
+    """No coupling (M = 1 or alpha = 0): the plain all-reduce baseline."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0          # wall time inside exchanges
+        self.bytes_received = 0     # bytes this rank received from its peers
+        self.count = 0
+
+    def teacher_logits(self, *, step: int, x: torch.Tensor, logits: torch.Tensor, checksum: int,
+                       alpha: float) -> list[torch.Tensor]:
+        return []
+
+    def _allgather_bytes(self, peer, payload: np.ndarray) -> np.ndarray:
+        """peer_comm Allgather of one uint8 buffer; returns (M, nbytes), row m from model m."""
+        start = time.perf_counter()
+        out = np.empty((peer.Get_size(), payload.size), dtype=np.uint8)
+        peer.Allgather(payload, out)
+        self.seconds += time.perf_counter() - start
+        self.bytes_received += out.nbytes - payload.nbytes
+        self.count += 1
+        return out
+
+
+class PredictionExchange(Exchange):
+    """Every k steps peers allgather the logits of the batch they all hold (data.order=shared).
+
+    A batch checksum (epoch and sample indices) rides in the same buffer, so a peer holding a
+    different batch is caught on every exchange at the cost of 8 bytes.
+    """
+
+    def __init__(self, peer, model_id: int, every: int):
+        super().__init__()
+        self.peer, self.model_id, self.every = peer, model_id, every
+
+    def teacher_logits(self, *, step, x, logits, checksum, alpha):
+        if alpha == 0 or not itstime(step, self.every):
+            return []
+        local = logits.detach().float().cpu().contiguous().numpy()
+        payload = np.concatenate([local.reshape(-1).view(np.uint8),
+                                  np.array([checksum], dtype=np.uint64).view(np.uint8)])
+        rows = self._allgather_bytes(self.peer, payload)
+        sums = rows[:, -8:].copy().view(np.uint64).reshape(-1)
+        if len(set(sums.tolist())) != 1:
+            raise BatchMismatchError(
+                f"step {step}: peers hold different batches (checksums {[hex(s) for s in sums]}); "
+                "predictions mode needs data.order=shared and identical data on every peer",
+                report=self.model_id == 0)
+        return [torch.from_numpy(rows[m, :-8].copy().view(np.float32).reshape(local.shape)).to(logits.device)
+                for m in range(len(rows)) if m != self.model_id]
+
+
+class WeightExchange(Exchange):
+    """Every k steps peers allgather parameters and buffers into M-1 local teacher copies.
+
+    The teachers are stale copies of the peer models (Anil et al. 2018): eval mode, no gradients,
+    one extra forward per step, distilled from on every step.
+    """
+
+    def __init__(self, peer, model_id: int, every: int, model: torch.nn.Module):
+        super().__init__()
+        self.peer, self.model_id, self.every, self.model = peer, model_id, every, model
+        self.teachers = []
+        for _ in range(peer.Get_size() - 1):
+            t = copy.deepcopy(model).eval()
+            t.requires_grad_(False)
+            self.teachers.append(t)
+
+    @staticmethod
+    def _state(module: torch.nn.Module) -> list[torch.Tensor]:
+        return list(module.state_dict(keep_vars=True).values())
+
+    def exchange(self) -> None:
+        """Allgather this model's parameters and buffers; load each peer's into its teacher."""
+        mine = self._state(self.model)
+        payload = torch.cat([t.detach().reshape(-1).view(torch.uint8).cpu() for t in mine]).numpy()
+        rows = self._allgather_bytes(self.peer, payload)
+        others = [m for m in range(len(rows)) if m != self.model_id]
+        with torch.no_grad():
+            for teacher, m in zip(self.teachers, others):
+                offset = 0
+                for src, dst in zip(mine, self._state(teacher)):
+                    n = src.numel() * src.element_size()
+                    raw = torch.from_numpy(rows[m, offset:offset + n].copy())
+                    dst.copy_(raw.view(src.dtype).view(src.shape))
+                    offset += n
+
+    def teacher_logits(self, *, step, x, logits, checksum, alpha):
+        if itstime(step, self.every):
+            self.exchange()
+        if alpha == 0:
+            return []
+        with torch.no_grad():
+            return [t(x) for t in self.teachers]
+
+
+def make_exchange(*, mode: str, n_models: int, alpha: float, every: int, peer, model_id: int,
+                  model: torch.nn.Module) -> Exchange:
+    if n_models == 1 or alpha == 0:
+        return Exchange()
+    if mode == "predictions":
+        return PredictionExchange(peer, model_id, every)
+    return WeightExchange(peer, model_id, every, model)

@@ -1,0 +1,109 @@
+"""Run-directory outputs: metrics.jsonl (world rank 0), TensorBoard events per model (group rank 0),
+summary.json. Ranks that write nothing get a writer that does nothing, not `if rank == 0` everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class NullWriter:
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger:
+    """Per-model scalars to TensorBoard and, gathered over peer_comm, one metrics.jsonl for the run."""
+
+    def __init__(self, run_dir: Path, comms, *, enabled: bool = True):
+        self.comms = comms
+        self.is_group_root = comms.group_rank == 0
+        self.is_world_root = comms.world_rank == 0
+        self.tb = NullWriter()
+        self.jsonl = None
+        if enabled and self.is_group_root:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb" / f"model_{comms.model_id}"))
+        if enabled and self.is_world_root:
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, step: int, kind: str, scalars: dict) -> list[dict]:
+        """Write this model's `scalars` (already averaged over its group); returns every model's rows
+        on world rank 0 (empty elsewhere). Called by every rank at the same steps."""
+        for name, value in scalars.items():
+            self.tb.add_scalar(f"{kind}/{name}", value, step)
+        if not self.is_group_root:
+            return []
+        # peer_comm of group rank 0: one row per model travels to world rank 0 for metrics.jsonl.
+        rows = self.comms.peer.gather({"step": step, "kind": kind, "model": self.comms.model_id,
+                                       **{k: float(v) for k, v in scalars.items()}}, root=0)
+        if self.jsonl is not None:
+            for row in rows:
+                self.jsonl.write(json.dumps(row) + "\n")
+        return rows or []
+
+    def close(self) -> None:
+        self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def group_mean(comm, values: dict) -> dict:
+    """Average a dict of floats over a communicator (one small Allreduce)."""
+    keys = sorted(values)
+    buf = np.array([float(values[k]) for k in keys], dtype=np.float64)
+    out = np.empty_like(buf)
+    from mpi4py import MPI
+    comm.Allreduce(buf, out, op=MPI.SUM)
+    return {k: v / comm.Get_size() for k, v in zip(keys, out.tolist())}
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write, fsync, rename: a reader never sees half a file, a crash never leaves one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Progress:
+    """One progress bar, on world rank 0; plain lines when stderr is not a terminal."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        self.total = total
+        self.t0 = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, info: dict | None = None, force_line: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if info:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+        elif force_line:
+            rate = step / max(1e-9, time.perf_counter() - self.t0)
+            text = " ".join(f"{k}={v:.4g}" for k, v in (info or {}).items())
+            print(f"step {step}/{self.total} ({rate:.1f} steps/s) {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

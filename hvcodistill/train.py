@@ -1,0 +1,367 @@
+"""Train M models at once with codistillation; M = 1 is the plain Horovod all-reduce baseline.
+
+    python -m hvcodistill.train --config configs/digits_codistill.yaml [dotted.key=value ...]
+
+Launch under mpirun, srun or horovodrun: every rank runs this. Read top to bottom:
+prepare (local, agreed by all ranks) -> connect (split, Horovod) -> loop -> evaluate -> summary.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hvcodistill.config import Config, load_config, save_config
+from hvcodistill.data import DataSpec, build_datasets
+from hvcodistill.errors import ConfigError
+from hvcodistill.losses import alpha_at, codistillation_loss
+from hvcodistill.models import build_model
+from hvcodistill.plan import BatchPlan, batch_checksum
+from hvcodistill.schedules import LRSchedule, WDSchedule, goyal_lr, itstime, to_steps
+from hvcodistill.topology import Topology
+
+
+@dataclass
+class Timer:
+    compute_s: float = 0.0
+    allreduce_s: float = 0.0
+    loop_s: float = 0.0
+
+
+@dataclass
+class Trainer:
+    """Everything one rank holds for the run."""
+    cfg: Config
+    comms: object
+    data: DataSpec
+    plan: BatchPlan
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    exchange: object
+    logger: object
+    device: torch.device
+    lr: LRSchedule
+    wd: WDSchedule
+    total_steps: int
+    run_dir: Path
+    hvd: object
+    start_step: int = 0
+    timer: Timer = field(default_factory=Timer)
+
+    def autocast(self):
+        amp = self.cfg.train.amp
+        if amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- set-up
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m hvcodistill.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML experiment file (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="e.g. codistill.every=10")
+    return p.parse_args(argv)
+
+
+def prepare(args, world_size: int):
+    """Everything that needs no communication; any bad input surfaces here, on every rank alike."""
+    from mpi4py import MPI
+
+    cfg = load_config(args.config, args.overrides)
+    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+        raise ConfigError("MPI does not provide MPI_THREAD_MULTIPLE (Horovod and mpi4py share it); "
+                          "use an MPI built with thread support")
+    topo = Topology(world_size, cfg.codistill.n_models)
+    d = cfg.data
+    data = build_datasets(d.name, path=d.path, seed=cfg.train.seed, augment=d.augment,
+                          synthetic={"shape": d.synthetic_shape, "num_classes": d.synthetic_classes,
+                                     "train_size": d.synthetic_train_size, "val_size": d.synthetic_val_size})
+    if cfg.train.amp == "fp16" and not (cfg.train.device != "cpu" and torch.cuda.is_available()):
+        raise ConfigError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but torch sees no GPU on this node")
+    return cfg, topo, data
+
+
+def agree(world, fn):
+    """Run `fn` on every rank; if any rank's input is bad, every rank exits 2 and one line is printed.
+
+    Bad input can differ between ranks (a file missing on one node): the allgather on COMM_WORLD
+    makes all ranks agree before the first collective that a failed rank would never join.
+    """
+    try:
+        value, error = fn(), None
+    except ConfigError as e:
+        value, error = None, str(e)
+    errors = world.allgather(error)
+    failed = [r for r, e in enumerate(errors) if e]
+    if failed:
+        if world.Get_rank() == failed[0]:
+            where = f" (rank {failed[0]})" if len(failed) < len(errors) else ""
+            print(f"hvcodistill: error{where}: {errors[failed[0]]}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return value
+
+
+def pick_device(cfg: Config, comms) -> torch.device:
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    # The node-local rank (a shared-memory split of COMM_WORLD) picks the GPU.
+    device = torch.device("cuda", comms.local.Get_rank() % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def connect(cfg: Config, topo: Topology, data: DataSpec, world) -> Trainer:
+    """Split the world, start Horovod on the group, build model, optimiser, exchange and logs."""
+    import horovod.torch as hvd
+
+    from hvcodistill.exchange import make_exchange
+    from hvcodistill.metrics import RunLogger
+    from hvcodistill.topology import split_communicators
+
+    comms = split_communicators(world, topo.n_models)
+    hvd.init(comm=comms.group)          # Horovod's all-reduce runs on group_comm only
+    device = pick_device(cfg, comms)
+    c, t, o = cfg.codistill, cfg.train, cfg.optim
+
+    plan = BatchPlan(n_samples=len(data.train), batch_size=t.batch_size, group_size=topo.group_size,
+                     group_rank=comms.group_rank, n_models=topo.n_models, model_id=comms.model_id,
+                     order=cfg.data.order, seed=t.seed)
+    spe = plan.steps_per_epoch
+    total = t.steps or max(1, int(round(t.epochs * spe)))
+
+    # Models start from different seeds, so they differ; ranks of one group start identical.
+    init_seed = (t.seed if cfg.model.init_seed is None else cfg.model.init_seed) + comms.model_id
+    torch.manual_seed(init_seed)
+    model = build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
+                        hidden=cfg.model.hidden).to(device)
+    base_lr = o.lr if o.lr is not None else goyal_lr(t.batch_size * topo.group_size)
+    if o.name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=o.momentum, nesterov=o.nesterov,
+                              weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=o.weight_decay)
+    # Horovod averages gradients over group_comm during backward.
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), op=hvd.Average)
+    # group_comm: start every rank of the group from group rank 0's weights. The optimiser state is
+    # empty here, and hvd.broadcast_optimizer_state would fill it by taking a step on zero gradients,
+    # which applies weight decay once before training: so it is not called.
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    steps = lambda v: to_steps(v, unit=o.unit, steps_per_epoch=spe)  # noqa: E731
+    lr = LRSchedule(base_lr=base_lr, total_steps=total, warmup_steps=steps(o.warmup), kind=o.lr_schedule,
+                    milestones=tuple(steps(m) for m in o.lr_milestones), gamma=o.lr_gamma)
+    wd = WDSchedule(initial=o.weight_decay, milestones=tuple(steps(m) for m in o.wd_milestones),
+                    values=tuple(float(v) for v in o.wd_values))
+    exchange = make_exchange(mode=c.mode, n_models=topo.n_models, alpha=c.alpha, every=c.every,
+                             peer=comms.peer, model_id=comms.model_id, model=model)
+
+    run_dir = Path(cfg.run.dir)
+    if comms.world_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    world.Barrier()   # COMM_WORLD: the run directory exists before any rank writes into it
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
+    return Trainer(cfg=cfg, comms=comms, data=data, plan=plan, model=model, optimizer=opt, scaler=scaler,
+                   exchange=exchange, logger=RunLogger(run_dir, comms), device=device, lr=lr, wd=wd,
+                   total_steps=total, run_dir=run_dir, hvd=hvd)
+
+
+# ----------------------------------------------------------------------------- the loop
+def set_hyperparameters(optimizer, *, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay
+
+
+def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """One update of this rank's model; returns the detached numbers worth logging."""
+    c = tr.cfg.codistill
+    alpha = alpha_at(step, alpha=c.alpha, burn_in_steps=c.burn_in_steps)
+    with tr.autocast():
+        logits = tr.model(x)
+        # peer_comm (on exchange steps): the teachers' logits for this batch; constants.
+        teachers = tr.exchange.teacher_logits(step=step, x=x, logits=logits,
+                                              checksum=batch_checksum(*tr.plan.key(step)), alpha=alpha)
+    loss, parts = codistillation_loss(logits=logits.float(), targets=y, alpha=alpha, distance=c.distance,
+                                      temperature=c.temperature, teacher_logits=[t.float() for t in teachers])
+    tr.optimizer.zero_grad()
+    tr.scaler.scale(loss).backward()
+    start = time.perf_counter()
+    tr.optimizer.synchronize()      # group_comm: wait for Horovod's averaged gradients
+    tr.timer.allreduce_s += time.perf_counter() - start
+    if tr.scaler.is_enabled():
+        tr.scaler.unscale_(tr.optimizer)
+    with tr.optimizer.skip_synchronize():
+        tr.scaler.step(tr.optimizer)
+    tr.scaler.update()
+    parts["correct"] = (logits.detach().argmax(-1) == y).sum()
+    return parts
+
+
+def train(tr: Trainer) -> None:
+    from hvcodistill.metrics import Progress, group_mean
+
+    t = tr.cfg.train
+    loader = torch.utils.data.DataLoader(
+        tr.data.train, sampler=tr.plan.keys(tr.start_step, tr.total_steps), batch_size=None,
+        num_workers=tr.cfg.data.workers, pin_memory=tr.device.type == "cuda",
+        persistent_workers=False)
+    progress = Progress(tr.total_steps, tr.start_step, enabled=t.progress and tr.comms.world_rank == 0)
+    window, window_start = _empty_window(), tr.start_step
+    loop_start = time.perf_counter()
+    for step, (x, y) in enumerate(loader, start=tr.start_step):
+        lr, wd = tr.lr(step), tr.wd(step)
+        set_hyperparameters(tr.optimizer, lr=lr, weight_decay=wd)
+        x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
+        parts = train_step(tr, step, x, y)
+        for k in ("task_loss", "distill_loss", "correct"):
+            window[k] = window[k] + parts[k]            # device tensors: no sync per step
+        window["samples"] += len(y)
+        done = step + 1
+        if itstime(done, t.log_every, total_steps=tr.total_steps, first=False, last=True):
+            n_steps = done - window_start
+            local = {"task_loss": float(window["task_loss"]) / n_steps,
+                     "distill_loss": float(window["distill_loss"]) / n_steps,
+                     "accuracy": float(window["correct"]) / window["samples"]}
+            scalars = group_mean(tr.comms.group, local)       # group_comm: average over the group
+            scalars.update(lr=lr, weight_decay=wd, exchange_s=tr.exchange.seconds)
+            tr.logger.log(done, "train", scalars)
+            progress.update(done, {"loss": scalars["task_loss"], "acc": scalars["accuracy"]}, force_line=True)
+            window, window_start = _empty_window(), done
+        else:
+            progress.update(done)
+        if t.eval_every and itstime(done, t.eval_every, first=False) and done != tr.total_steps:
+            validate(tr, done)
+    tr.timer.loop_s = time.perf_counter() - loop_start
+    tr.timer.compute_s = tr.timer.loop_s - tr.timer.allreduce_s - tr.exchange.seconds
+    progress.close()
+
+
+def _empty_window() -> dict:
+    return {"task_loss": 0.0, "distill_loss": 0.0, "correct": 0.0, "samples": 0}
+
+
+def validate(tr: Trainer, step: int) -> dict:
+    from hvcodistill.evaluate import evaluate
+
+    sync_buffers(tr)
+    result = evaluate(tr.model, tr.data.val, tr.comms, device=tr.device, workers=tr.cfg.data.workers,
+                      autocast=tr.autocast)
+    tr.logger.log(step, "val", result)
+    return result
+
+
+def sync_buffers(tr: Trainer) -> None:
+    """group_comm: average BatchNorm running statistics, so every rank evaluates the same model."""
+    for name, buf in tr.model.named_buffers():
+        if buf.is_floating_point():
+            tr.hvd.allreduce_(buf, op=tr.hvd.Average, name=f"buffer.{name}")
+
+
+# ----------------------------------------------------------------------------- the end
+def summarize(tr: Trainer, final: dict, wall_seconds: float) -> dict | None:
+    """Gather every model's figures to world rank 0 and write summary.json there."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from hvcodistill.metrics import write_json_atomic
+
+    world, topo = tr.comms.world, tr.comms.topology
+    # COMM_WORLD: mean time per rank and total bytes received over peer_comm.
+    local = np.array([tr.timer.compute_s, tr.timer.allreduce_s, tr.exchange.seconds, tr.timer.loop_s,
+                      float(tr.exchange.bytes_received), float(tr.exchange.count)])
+    total = np.empty_like(local)
+    world.Allreduce(local, total, op=MPI.SUM)
+    models = world.gather({"id": tr.comms.model_id, "val_accuracy": final["val_accuracy"],
+                           "val_loss": final["val_loss"]} if tr.comms.group_rank == 0 else None, root=0)
+    if world.Get_rank() != 0:
+        return None
+    w = topo.world_size
+    summary = {
+        "topology": topo.as_dict(),
+        "mode": tr.cfg.codistill.mode if topo.n_models > 1 else "allreduce",
+        "every": tr.cfg.codistill.every,
+        "alpha": tr.cfg.codistill.alpha,
+        "steps": tr.total_steps,
+        "steps_per_epoch": tr.plan.steps_per_epoch,
+        "wall_seconds": wall_seconds,
+        "models": sorted((m for m in models if m), key=lambda m: m["id"]),
+        "ensemble_val_accuracy": final["ensemble_val_accuracy"],
+        "disagreement": final["disagreement"],
+        "timing": {"compute_s": total[0] / w, "allreduce_s": total[1] / w, "exchange_s": total[2] / w,
+                   "loop_s": total[3] / w, "step_s": total[3] / w / max(1, tr.total_steps - tr.start_step)},
+        "exchanged_bytes": int(total[4]),
+        "exchanges": int(total[5] / w),
+    }
+    write_json_atomic(tr.run_dir / "summary.json", summary)
+    return summary
+
+
+def save_final_model(tr: Trainer) -> None:
+    """Group rank 0 writes its model's final weights to model_<id>.pt (temporary file, then rename)."""
+    if tr.comms.group_rank != 0:
+        return
+    path = tr.run_dir / f"model_{tr.comms.model_id}.pt"
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({k: v.cpu() for k, v in tr.model.state_dict().items()}, tmp)
+    tmp.replace(path)
+
+
+def run(args) -> int:
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    start = time.perf_counter()
+    cfg, topo, data = agree(world, lambda: prepare(args, world.Get_size()))
+    tr = agree(world, lambda: connect(cfg, topo, data, world))
+    train(tr)
+    final = validate(tr, tr.total_steps)
+    save_final_model(tr)
+    summary = summarize(tr, final, time.perf_counter() - start)
+    tr.logger.close()
+    if summary is not None:
+        accs = ", ".join(f"model {m['id']} {m['val_accuracy']:.4f}" for m in summary["models"])
+        print(f"hvcodistill: done in {summary['wall_seconds']:.1f}s, {summary['steps']} steps; "
+              f"val accuracy {accs}; ensemble {summary['ensemble_val_accuracy']:.4f}; "
+              f"disagreement {summary['disagreement']:.4f}; summary {tr.run_dir / 'summary.json'}",
+              flush=True)
+    tr.hvd.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mpi4py import MPI
+
+    from hvcodistill.exchange import BatchMismatchError
+
+    try:
+        return run(args)
+    except SystemExit:
+        raise
+    except BatchMismatchError as e:
+        # Peers detect this together; one line from model 0's rank, then stop the whole job.
+        if e.report:
+            print(f"hvcodistill: error: {e}", file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(3)
+    except BaseException:
+        # Any other failure on one rank would leave the others waiting in a collective: abort all.
+        traceback.print_exc()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Exchange correctness under real ranks. argv: predictions|weights|mismatch [overrides...]
+
+predictions: the logits a rank receives equal what each peer's model computes on the same batch
+             (recomputed here from the peer's own seed, independently of the exchange);
+mismatch:    a peer holding a different batch is caught by every rank of that peer_comm;
+weights:     right after an exchange every teacher copy equals its peer's parameters and buffers.
+"""
+import sys
+
+import torch
+from mpi4py import MPI
+
+from common import batch, fail, make_trainer
+from hvcodistill.exchange import BatchMismatchError, PredictionExchange
+from hvcodistill.models import build_model
+from hvcodistill.plan import batch_checksum
+from hvcodistill.train import train_step
+
+what = sys.argv[1]
+mode = "weights" if what == "weights" else "predictions"
+tr = make_trainer(["data.name=digits", "model.name=cnn", f"codistill.mode={mode}", "codistill.every=4",
+                   "train.steps=40", "train.batch_size=16", "optim.lr=0.05", "run.dir=runs/test_exchange",
+                   *sys.argv[2:]])
+c, cfg = tr.comms, tr.cfg
+M = c.topology.n_models
+for step in range(6):          # train a little so models have moved away from their inits
+    train_step(tr, step, *batch(tr, step))
+
+if what == "predictions":
+    step = 8
+    x, _ = batch(tr, step)
+    tr.model.train()
+    logits = tr.model(x)
+    received = tr.exchange.teacher_logits(step=step, x=x, logits=logits, alpha=1.0,
+                                          checksum=batch_checksum(*tr.plan.key(step)))
+    if len(received) != M - 1:
+        fail(f"expected {M - 1} teachers, got {len(received)}")
+    # Independent reference: every model's state, sent as pickles over COMM_WORLD; rebuild peer j
+    # here and run it on this rank's batch, which peers share (data.order=shared).
+    states = MPI.COMM_WORLD.allgather({k: v.clone() for k, v in tr.model.state_dict().items()})
+    G = c.topology.group_size
+    peers = [j for j in range(M) if j != c.model_id]
+    for j, got in zip(peers, received):
+        ref = build_model("cnn", input_shape=tr.data.input_shape, num_classes=tr.data.num_classes)
+        ref.load_state_dict(states[j * G + c.group_rank])
+        ref.train()                # same mode as the student's forward (BatchNorm batch statistics)
+        with torch.no_grad():
+            want = ref(x)
+        if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+            fail(f"logits from model {j} differ from its recomputation: {(got - want).abs().max()}")
+        if got.requires_grad:
+            fail("received logits require grad")
+    result = "predictions ok"
+
+elif what == "mismatch":
+    ex = PredictionExchange(c.peer, c.model_id, every=1)
+    epoch, idx = tr.plan.key(3)
+    if c.model_id == M - 1 and c.group_rank == 0:
+        idx = idx.flip(0)          # the last model's group rank 0 holds the batch in another order
+    logits = torch.zeros(len(idx), 10)
+    try:
+        ex.teacher_logits(step=3, x=None, logits=logits, checksum=batch_checksum(epoch, idx), alpha=1.0)
+        caught = False
+    except BatchMismatchError as e:
+        caught = "different batches" in str(e)
+    flags = MPI.COMM_WORLD.allgather((c.group_rank, caught))
+    want = [gr == 0 for gr, _ in flags]
+    if [f for _, f in flags] != want:
+        fail(f"mismatch detection per rank {flags}, expected caught exactly on group rank 0's peers")
+    result = "mismatch caught"
+
+else:
+    tr.exchange.exchange()
+    states = c.peer.allgather({k: v.clone() for k, v in tr.model.state_dict().items()})
+    peers = [j for j in range(M) if j != c.model_id]
+    if not any(n.startswith("running_") or "running" in n for n, _ in tr.model.named_buffers()):
+        fail("test model has no buffers to compare")
+    for j, teacher in zip(peers, tr.exchange.teachers):
+        for name, value in teacher.state_dict().items():
+            if not torch.equal(value, states[j][name]):
+                fail(f"teacher {j}: {name} differs from the peer's")
+        if teacher.training:
+            fail("teacher copy is not in eval mode")
+    own = tr.model.state_dict()
+    if all(torch.equal(own[k], states[peers[0]][k]) for k in own):
+        fail("teacher equals the student: models did not differ")
+    result = "weights ok"
+
+MPI.COMM_WORLD.Barrier()
+if c.world_rank == 0:
+    print(f"{result}: W={c.topology.world_size} M={M}")

@@ -1,0 +1,158 @@
+"""Datasets: fixed splits, validation errors naming the file/key, and batches that are a pure
+function of (seed, epoch, indices), also through a multi-worker DataLoader."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from hvcodistill.data import DATA_NAMES, build_datasets
+from hvcodistill.errors import ConfigError
+
+
+def _key(epoch, *indices):
+    return epoch, torch.tensor(indices, dtype=torch.int64)
+
+
+def test_digits_fixed_split():
+    spec = build_datasets("digits", seed=1)
+    assert (len(spec.train), len(spec.val)) == (1437, 360)
+    assert spec.input_shape == (1, 8, 8) and spec.num_classes == 10
+    x, y = spec.train[_key(0, *range(1437))]
+    assert x.dtype == torch.float32 and x.shape == (1437, 1, 8, 8) and y.dtype == torch.int64
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2  # standardised on train
+    assert set(y.tolist()) == set(range(10))
+    other = build_datasets("digits", seed=2)  # the split ignores the run seed
+    assert torch.equal(other.val.x, spec.val.x) and torch.equal(other.val.y, spec.val.y)
+
+
+def _write_npz(path, **overrides):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.normal(size=(6, 2, 5)), "y_train": np.array([0, 1, 2, 0, 1, 2]),
+              "x_val": rng.normal(size=(3, 2, 5)), "y_val": np.array([3, 0, 1])}
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return arrays
+
+
+def test_npz_round_trip(tmp_path):
+    arrays = _write_npz(tmp_path / "d.npz")
+    spec = build_datasets("npz", path=str(tmp_path / "d.npz"))
+    assert spec.input_shape == (2, 5) and spec.num_classes == 4  # max label + 1 over both splits
+    x, y = spec.train[_key(0, 4, 1)]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    np.testing.assert_allclose(x.numpy(), arrays["x_train"][[4, 1]].astype(np.float32))
+    assert y.tolist() == [1, 1]
+    assert torch.equal(spec.val[_key(0, 0, 1, 2)][1], torch.tensor([3, 0, 1]))
+
+
+def test_npz_errors_name_file_and_key(tmp_path):
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(ConfigError, match="data.path.*nope.npz"):
+        build_datasets("npz", path=str(missing))
+    _write_npz(tmp_path / "d.npz", y_val=None)
+    with pytest.raises(ConfigError, match="d.npz.*'y_val'"):
+        build_datasets("npz", path=str(tmp_path / "d.npz"))
+    _write_npz(tmp_path / "d.npz", y_train=np.array([0, 1, 2]))
+    with pytest.raises(ConfigError, match="d.npz.*'y_train'"):
+        build_datasets("npz", path=str(tmp_path / "d.npz"))
+    _write_npz(tmp_path / "d.npz", y_val=np.array([0, -1, 1]))
+    with pytest.raises(ConfigError, match="d.npz.*'y_val'.*non-negative"):
+        build_datasets("npz", path=str(tmp_path / "d.npz"))
+
+
+def test_unknown_name_and_missing_folders(tmp_path):
+    with pytest.raises(ConfigError, match="data.name") as err:
+        build_datasets("mnist")
+    assert all(name in str(err.value) for name in DATA_NAMES)
+    with pytest.raises(ConfigError, match="data.path.*cifar-10-batches-py"):
+        build_datasets("cifar10", path=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.path.*train/<class>"):
+        build_datasets("imagenet", path=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.synthetic"):
+        build_datasets("synthetic", synthetic={"size": 3})
+
+
+SMALL = {"shape": [3, 8, 8], "num_classes": 5, "train_size": 500, "val_size": 200}
+
+
+def test_synthetic_is_a_pure_function_of_seed_split_index():
+    spec = build_datasets("synthetic", seed=3, synthetic=SMALL)
+    assert spec.input_shape == (3, 8, 8) and spec.num_classes == 5 and len(spec.train) == 500
+    x, y = spec.train[_key(0, 7, 3, 499)]
+    assert x.shape == (3, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    again = build_datasets("synthetic", seed=3, synthetic=SMALL).train[_key(5, 7, 3, 499)]
+    assert torch.equal(x, again[0]) and torch.equal(y, again[1])  # rebuilt, any epoch: same data
+    single = spec.train[_key(0, 3)]
+    assert torch.equal(single[0][0], x[1])  # a sample does not depend on its batch-mates
+    assert not torch.equal(spec.train[_key(0, 8, 3, 499)][0][0], x[0])
+    assert not torch.equal(spec.val[_key(0, 7)][0][0], x[0])  # splits are distinct streams
+    assert not torch.equal(build_datasets("synthetic", seed=4, synthetic=SMALL).train[_key(0, 7)][0][0], x[0])
+    _, labels = spec.train[_key(0, *range(500))]
+    assert labels.min() >= 0 and labels.max() < 5 and len(labels.unique()) == 5
+    with pytest.raises(IndexError):
+        spec.train[_key(0, 500)]
+
+
+def test_synthetic_is_learnable():
+    spec = build_datasets("synthetic", seed=0, synthetic=SMALL)
+    x_train, y_train = spec.train[_key(0, *range(500))]
+    x_val, y_val = spec.val[_key(0, *range(200))]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3 * 8 * 8, 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(50):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x_train.flatten(1)), y_train).backward()
+        optimizer.step()
+    accuracy = (model(x_val.flatten(1)).argmax(1) == y_val).float().mean().item()
+    assert accuracy > 0.8  # chance is 0.2
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{i}.png")
+    return tmp_path
+
+
+def test_imagefolder_augmentation_is_deterministic(image_folder):
+    spec = build_datasets("imagenet", path=str(image_folder), seed=0, augment=True)
+    assert spec.num_classes == 2 and spec.input_shape == (3, 224, 224) and len(spec.train) == 6
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    x, y = spec.train[_key(0, 0, 4)]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is untouched
+    assert x.shape == (2, 3, 224, 224) and y.tolist() == [0, 1]
+    rebuilt = build_datasets("imagenet", path=str(image_folder), seed=0, augment=True)
+    assert torch.equal(rebuilt.train[_key(0, 0, 4)][0], x)  # e.g. another peer, or a resumed run
+    assert not torch.equal(spec.train[_key(1, 0, 4)][0], x)  # a new epoch, new crops
+    assert not torch.equal(build_datasets("imagenet", path=str(image_folder), seed=1, augment=True)
+                           .train[_key(0, 0, 4)][0], x)
+    val_x = spec.val[_key(0, 1)][0]
+    assert torch.equal(spec.val[_key(7, 1)][0], val_x)  # validation is never augmented
+
+
+def test_imagefolder_class_mismatch(image_folder):
+    (image_folder / "val" / "dog").rename(image_folder / "val" / "bird")
+    with pytest.raises(ConfigError, match="data.path.*val"):
+        build_datasets("imagenet", path=str(image_folder))
+
+
+@pytest.mark.parametrize("name", ["synthetic", "imagenet"])
+def test_dataloader_workers_match_direct_indexing(name, image_folder):
+    spec = build_datasets(name, path=str(image_folder), seed=5, augment=True, synthetic=SMALL)
+    keys = [_key(epoch, *(torch.randperm(len(spec.train), generator=torch.Generator().manual_seed(epoch))[:4]
+                          .tolist())) for epoch in range(4)]
+    loader = DataLoader(spec.train, sampler=keys, batch_size=None, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == len(keys)
+    for key, (x, y) in zip(keys, batches):
+        direct_x, direct_y = spec.train[key]
+        assert torch.equal(x, direct_x) and torch.equal(y, direct_y)

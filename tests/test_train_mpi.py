@@ -1,0 +1,117 @@
+"""The trainer under real mpirun, run as users run it: the CLI, its run directory and exit codes."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import MPI_DIR, ROOT
+
+pytestmark = pytest.mark.mpi
+
+CODISTILL = str(ROOT / "configs" / "digits_codistill.yaml")
+ALLREDUCE = str(ROOT / "configs" / "digits_allreduce.yaml")
+SHORT = ["train.epochs=0", "train.steps=30", "train.eval_every=0", "train.progress=false"]
+
+
+def train(ranks, np, run_dir, *overrides, config=CODISTILL, check=True):
+    return ranks(np, ["-m", "hvcodistill.train", "--config", config, *SHORT, f"run.dir={run_dir}", *overrides],
+                 check=check)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu")
+
+
+def assert_close(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], **tol), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
+
+
+@pytest.mark.parametrize("mode", ["predictions", "weights"])
+@pytest.mark.parametrize("np", [4, 6])
+def test_group_invariants_every_step(ranks, mode, np):
+    proc = ranks(np, [str(MPI_DIR / "check_group_invariants.py"), mode, "12", f"codistill.n_models={np // 2}"])
+    assert "invariants ok" in proc.stdout
+
+
+@pytest.mark.parametrize("what", ["predictions", "mismatch", "weights"])
+@pytest.mark.parametrize("np", [4, 6])
+def test_exchange(ranks, what, np):
+    proc = ranks(np, [str(MPI_DIR / "check_exchange.py"), what, f"codistill.n_models={np // 2}"])
+    assert "ok" in proc.stdout or "caught" in proc.stdout
+
+
+def test_one_model_equals_plain_horovod(ranks, tmp_path):
+    train(ranks, 2, tmp_path / "m1", "optim.lr=0.1", "optim.lr_schedule=constant", "optim.warmup=0",
+          config=ALLREDUCE)
+    ranks(2, [str(MPI_DIR / "plain_horovod.py"), str(tmp_path / "plain.pt"), "30", "32", "0.1", "0"])
+    assert_close(load(tmp_path / "m1" / "model_0.pt"), load(tmp_path / "plain.pt"), rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_zero_groups_are_independent_runs(ranks, tmp_path):
+    train(ranks, 4, tmp_path / "m2", "codistill.alpha=0")
+    train(ranks, 2, tmp_path / "a", "codistill.n_models=1")
+    train(ranks, 2, tmp_path / "b", "codistill.n_models=1", "model.init_seed=1")
+    m0, m1 = load(tmp_path / "m2" / "model_0.pt"), load(tmp_path / "m2" / "model_1.pt")
+    assert_close(m0, load(tmp_path / "a" / "model_0.pt"), rtol=1e-5, atol=1e-6)
+    assert_close(m1, load(tmp_path / "b" / "model_0.pt"), rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(m0[k], m1[k]) for k in m0), "the two models should differ"
+
+
+def test_codistillation_changes_the_models(ranks, tmp_path):
+    """The control for the test above: with alpha > 0 the groups are no longer independent."""
+    train(ranks, 4, tmp_path / "m2", "codistill.alpha=1", "codistill.burn_in_steps=0")
+    train(ranks, 2, tmp_path / "a", "codistill.n_models=1")
+    a, b = load(tmp_path / "m2" / "model_0.pt"), load(tmp_path / "a" / "model_0.pt")
+    assert any(not torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+
+CONTRACT_KEYS = {"topology", "mode", "every", "steps", "wall_seconds", "models", "ensemble_val_accuracy",
+                 "disagreement", "timing", "exchanged_bytes"}
+
+
+@pytest.mark.parametrize("mode", ["predictions", "weights"])
+def test_digits_end_to_end(ranks, tmp_path, mode):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    extra = ["codistill.every=20", "data.order=disjoint"] if mode == "weights" else []
+    proc = ranks(4, ["-m", "hvcodistill.train", "--config", CODISTILL, f"run.dir={run}",
+                     f"codistill.mode={mode}", "train.epochs=12", *extra])
+    assert "hvcodistill: done" in proc.stdout
+    s = json.loads((run / "summary.json").read_text())
+    assert CONTRACT_KEYS <= s.keys()
+    assert s["topology"] == {"world_size": 4, "n_models": 2, "group_size": 2}
+    assert s["mode"] == mode and set(s["timing"]) >= {"compute_s", "allreduce_s", "exchange_s"}
+    assert [m["id"] for m in s["models"]] == [0, 1]
+    for m in s["models"]:
+        assert m["val_accuracy"] >= 0.90, s["models"]
+    assert s["ensemble_val_accuracy"] >= 0.90 and 0 <= s["disagreement"] < 0.1
+    assert s["exchanged_bytes"] > 0 and s["timing"]["exchange_s"] > 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {0, 1} and {r["kind"] for r in rows} == {"train", "val"}
+    assert (run / "config.yaml").is_file()
+    for model in (0, 1):
+        acc = EventAccumulator(str(run / "tb" / f"model_{model}"))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"train/task_loss", "train/distill_loss", "train/accuracy", "train/lr", "train/weight_decay",
+                "train/exchange_s", "val/val_accuracy", "val/ensemble_val_accuracy"} <= tags, tags
+        last = acc.Scalars("val/val_accuracy")[-1]
+        assert last.step == s["steps"] and last.value == pytest.approx(s["models"][model]["val_accuracy"])
+        assert any(e.value > 0 for e in acc.Scalars("train/distill_loss"))
+
+
+@pytest.mark.parametrize("np,args,needle", [
+    (4, ["codistill.n_models=3"], "W=4, codistill.n_models M=3"),
+    (4, ["codistill.nope=1"], "codistill.nope"),
+    (2, ["data.name=npz", "data.path=/nonexistent/data.npz"], "/nonexistent/data.npz"),
+    (2, ["codistill.mode=predictions", "data.order=disjoint"], "data.order"),
+])
+def test_bad_input_one_line_exit_2(ranks, tmp_path, np, args, needle):
+    proc = train(ranks, np, tmp_path / "run", *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("hvcodistill:")]
+    assert len(ours) == 1 and needle in ours[0], proc.stderr
+    assert "Traceback" not in proc.stderr
