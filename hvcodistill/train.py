@@ -219,6 +219,7 @@ def train(tr: Trainer) -> None:
         persistent_workers=False)
     progress = Progress(tr.total_steps, tr.start_step, enabled=t.progress and tr.comms.world_rank == 0)
     window, window_start = _empty_window(), tr.start_step
+    exchange_s_before = tr.exchange.seconds     # exchange_s is logged per window, not cumulative
     loop_start = time.perf_counter()
     for step, (x, y) in enumerate(loader, start=tr.start_step):
         lr, wd = tr.lr(step), tr.wd(step)
@@ -235,7 +236,8 @@ def train(tr: Trainer) -> None:
                      "distill_loss": float(window["distill_loss"]) / n_steps,
                      "accuracy": float(window["correct"]) / window["samples"]}
             scalars = group_mean(tr.comms.group, local)       # group_comm: average over the group
-            scalars.update(lr=lr, weight_decay=wd, exchange_s=tr.exchange.seconds)
+            scalars.update(lr=lr, weight_decay=wd, exchange_s=tr.exchange.seconds - exchange_s_before)
+            exchange_s_before = tr.exchange.seconds
             tr.logger.log(done, "train", scalars)
             progress.update(done, {"loss": scalars["task_loss"], "acc": scalars["accuracy"]}, force_line=True)
             window, window_start = _empty_window(), done

@@ -1,0 +1,54 @@
+"""The shipped ImageNet configs encode the paper's recipe (Sodhani et al. 2021, Table/Sec. 4)."""
+from pathlib import Path
+
+import pytest
+
+from hvcodistill.config import load_config
+from hvcodistill.schedules import LRSchedule, WDSchedule, goyal_lr, to_steps
+from hvcodistill.topology import Topology
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+IMAGENET_TRAIN = 1_281_167
+
+
+def schedules(name, world_size=16):
+    cfg = load_config(str(CONFIGS / name))
+    topo = Topology(world_size, cfg.codistill.n_models)
+    batch = cfg.train.batch_size * topo.group_size
+    spe = IMAGENET_TRAIN // batch
+    o = cfg.optim
+    steps = lambda v: to_steps(v, unit=o.unit, steps_per_epoch=spe)  # noqa: E731
+    total = round(cfg.train.epochs * spe)
+    lr = LRSchedule(base_lr=o.lr or goyal_lr(batch), total_steps=total, warmup_steps=steps(o.warmup),
+                    kind=o.lr_schedule, milestones=[steps(m) for m in o.lr_milestones], gamma=o.lr_gamma)
+    wd = WDSchedule(initial=o.weight_decay, milestones=[steps(m) for m in o.wd_milestones], values=o.wd_values)
+    return cfg, batch, spe, total, lr, wd
+
+
+def test_same_updates_half_the_epochs():
+    _, b1, _, t1, _, _ = schedules("imagenet_resnet50_allreduce.yaml")
+    cfg2, b2, _, t2, _, _ = schedules("imagenet_resnet50_codistill.yaml")
+    assert (b1, b2) == (512, 256) and t1 == t2 == 225_180
+    assert cfg2.codistill.mode == "weights" and cfg2.codistill.every == 2500 and cfg2.codistill.n_models == 2
+
+
+def test_allreduce_recipe():
+    _, _, spe, total, lr, wd = schedules("imagenet_resnet50_allreduce.yaml")
+    assert lr(5 * spe) == pytest.approx(0.2) and lr(5 * spe // 2) == pytest.approx(0.1, rel=1e-3)
+    assert lr(30 * spe - 1) == pytest.approx(0.2) and lr(30 * spe) == pytest.approx(0.02)
+    assert lr(80 * spe) == pytest.approx(0.0002) and wd(total - 1) == 1e-4
+
+
+def test_codistill_recipe_decays_weight_decay():
+    _, _, spe, total, lr, wd = schedules("imagenet_resnet50_codistill.yaml")
+    assert lr(round(2.5 * spe)) == pytest.approx(0.1)
+    assert [lr(e * spe) for e in (18, 38, 44)] == pytest.approx([0.01, 0.001, 0.0001])
+    assert [wd(e * spe - 1) for e in (18, 38)] == [1e-4, 1e-5]
+    assert wd(18 * spe) == 1e-5 and wd(38 * spe) == 0.0
+
+
+def test_predictions_variant_shares_the_schedule():
+    a = load_config(str(CONFIGS / "imagenet_resnet50_codistill.yaml"))
+    b = load_config(str(CONFIGS / "imagenet_resnet50_codistill_predictions.yaml"))
+    assert b.codistill.mode == "predictions" and b.data.order == "shared"
+    assert a.optim == b.optim and a.train == b.train
