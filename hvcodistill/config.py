@@ -78,7 +78,10 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"          # run directory (config.yaml, metrics.jsonl, tb/, summary.json)
+    dir: str = "runs/default"          # run directory (config.yaml, metrics.jsonl, tb/, checkpoints/, summary.json)
+    checkpoint_every: int = 0          # steps between checkpoints; 0: only on preemption and at the end
+    keep_checkpoints: int = 3          # retention per model
+    resume: bool = True                # continue from the newest complete checkpoint in run.dir
 
 
 @dataclass
@@ -204,14 +207,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(choices)}")
     c, t, o = cfg.codistill, cfg.train, cfg.optim
     positive = {"codistill.every": c.every, "train.batch_size": t.batch_size,
-                "train.log_every": t.log_every}
+                "train.log_every": t.log_every, "run.keep_checkpoints": cfg.run.keep_checkpoints}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key {key} must be >= 1, got {value}")
     non_negative = {"codistill.alpha": c.alpha, "codistill.burn_in_steps": c.burn_in_steps,
                     "train.steps": t.steps, "train.epochs": t.epochs, "train.eval_every": t.eval_every,
                     "optim.warmup": o.warmup, "optim.weight_decay": o.weight_decay,
-                    "data.workers": cfg.data.workers}
+                    "data.workers": cfg.data.workers, "run.checkpoint_every": cfg.run.checkpoint_every}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {value}")

@@ -209,45 +209,61 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
     return parts
 
 
-def train(tr: Trainer) -> None:
+def train(tr: Trainer, guard) -> None:
+    """The loop: lr/wd -> step (exchange inside) -> log -> evaluate -> checkpoint -> stop?"""
+    from hvcodistill import checkpoint
     from hvcodistill.metrics import Progress, group_mean
+    from hvcodistill.preemption import Preempted
 
-    t = tr.cfg.train
+    t, every_ckpt = tr.cfg.train, tr.cfg.run.checkpoint_every
     loader = torch.utils.data.DataLoader(
         tr.data.train, sampler=tr.plan.keys(tr.start_step, tr.total_steps), batch_size=None,
-        num_workers=tr.cfg.data.workers, pin_memory=tr.device.type == "cuda",
-        persistent_workers=False)
+        num_workers=tr.cfg.data.workers, pin_memory=tr.device.type == "cuda")
     progress = Progress(tr.total_steps, tr.start_step, enabled=t.progress and tr.comms.world_rank == 0)
     window, window_start = _empty_window(), tr.start_step
     exchange_s_before = tr.exchange.seconds     # exchange_s is logged per window, not cumulative
-    loop_start = time.perf_counter()
-    for step, (x, y) in enumerate(loader, start=tr.start_step):
-        lr, wd = tr.lr(step), tr.wd(step)
-        set_hyperparameters(tr.optimizer, lr=lr, weight_decay=wd)
-        x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
-        parts = train_step(tr, step, x, y)
-        for k in ("task_loss", "distill_loss", "correct"):
-            window[k] = window[k] + parts[k]            # device tensors: no sync per step
-        window["samples"] += len(y)
-        done = step + 1
-        if itstime(done, t.log_every, total_steps=tr.total_steps, first=False, last=True):
-            n_steps = done - window_start
-            local = {"task_loss": float(window["task_loss"]) / n_steps,
-                     "distill_loss": float(window["distill_loss"]) / n_steps,
-                     "accuracy": float(window["correct"]) / window["samples"]}
-            scalars = group_mean(tr.comms.group, local)       # group_comm: average over the group
-            scalars.update(lr=lr, weight_decay=wd, exchange_s=tr.exchange.seconds - exchange_s_before)
-            exchange_s_before = tr.exchange.seconds
-            tr.logger.log(done, "train", scalars)
-            progress.update(done, {"loss": scalars["task_loss"], "acc": scalars["accuracy"]}, force_line=True)
-            window, window_start = _empty_window(), done
-        else:
-            progress.update(done)
-        if t.eval_every and itstime(done, t.eval_every, first=False) and done != tr.total_steps:
-            validate(tr, done)
-    tr.timer.loop_s = time.perf_counter() - loop_start
-    tr.timer.compute_s = tr.timer.loop_s - tr.timer.allreduce_s - tr.exchange.seconds
-    progress.close()
+    loop_start, loop_s_before = time.perf_counter(), tr.timer.loop_s
+
+    def account() -> None:
+        tr.timer.loop_s = loop_s_before + time.perf_counter() - loop_start
+        tr.timer.compute_s = tr.timer.loop_s - tr.timer.allreduce_s - tr.exchange.seconds
+
+    try:
+        for step, (x, y) in enumerate(loader, start=tr.start_step):
+            lr, wd = tr.lr(step), tr.wd(step)
+            set_hyperparameters(tr.optimizer, lr=lr, weight_decay=wd)
+            x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
+            parts = train_step(tr, step, x, y)
+            for k in ("task_loss", "distill_loss", "correct"):
+                window[k] = window[k] + parts[k]            # device tensors: no sync per step
+            window["samples"] += len(y)
+            done = step + 1
+            if itstime(done, t.log_every, total_steps=tr.total_steps, first=False, last=True):
+                n_steps = done - window_start
+                local = {"task_loss": float(window["task_loss"]) / n_steps,
+                         "distill_loss": float(window["distill_loss"]) / n_steps,
+                         "accuracy": float(window["correct"]) / window["samples"]}
+                scalars = group_mean(tr.comms.group, local)       # group_comm: average over the group
+                scalars.update(lr=lr, weight_decay=wd, exchange_s=tr.exchange.seconds - exchange_s_before)
+                exchange_s_before = tr.exchange.seconds
+                tr.logger.log(done, "train", scalars)
+                progress.update(done, {"loss": scalars["task_loss"], "acc": scalars["accuracy"]},
+                                force_line=True)
+                window, window_start = _empty_window(), done
+            else:
+                progress.update(done)
+            if t.eval_every and itstime(done, t.eval_every, first=False) and done != tr.total_steps:
+                validate(tr, done)
+            if every_ckpt and itstime(done, every_ckpt, first=False) and done != tr.total_steps:
+                account()
+                checkpoint.save(tr, done)
+            if guard.should_stop() and done != tr.total_steps:
+                account()
+                checkpoint.save(tr, done)
+                raise Preempted(done, guard.signal_name())
+    finally:
+        progress.close()
+    account()
 
 
 def _empty_window() -> dict:
@@ -302,7 +318,7 @@ def summarize(tr: Trainer, final: dict, wall_seconds: float) -> dict | None:
         "ensemble_val_accuracy": final["ensemble_val_accuracy"],
         "disagreement": final["disagreement"],
         "timing": {"compute_s": total[0] / w, "allreduce_s": total[1] / w, "exchange_s": total[2] / w,
-                   "loop_s": total[3] / w, "step_s": total[3] / w / max(1, tr.total_steps - tr.start_step)},
+                   "loop_s": total[3] / w, "step_s": total[3] / w / max(1, tr.total_steps)},
         "exchanged_bytes": int(total[4]),
         "exchanges": int(total[5] / w),
     }
@@ -323,11 +339,35 @@ def save_final_model(tr: Trainer) -> None:
 def run(args) -> int:
     from mpi4py import MPI
 
+    from hvcodistill.preemption import Preempted, PreemptionGuard
+
     world = MPI.COMM_WORLD
     start = time.perf_counter()
+    # From here on SIGUSR1/SIGTERM are recorded, not fatal: a signal during set-up stops the run
+    # cleanly after its first step.
+    guard = PreemptionGuard(world)
+    try:
+        return _run(args, world, guard, start)
+    except Preempted:
+        guard.close()                 # all ranks stopped at the same step: nothing in flight after this
+        raise
+    except BaseException:
+        guard.close(wait=False)       # failing: peers may be gone, do not wait on them
+        raise
+
+
+def _run(args, world, guard, start: float) -> int:
+    from hvcodistill import checkpoint
+
     cfg, topo, data = agree(world, lambda: prepare(args, world.Get_size()))
     tr = agree(world, lambda: connect(cfg, topo, data, world))
-    train(tr)
+    if cfg.run.resume:
+        tr.start_step = agree(world, lambda: checkpoint.restore(tr))
+    start_step = tr.start_step
+    train(tr, guard)
+    guard.close()
+    if start_step < tr.total_steps:       # a requeue after the end finds this and trains no more
+        checkpoint.save(tr, tr.total_steps)
     final = validate(tr, tr.total_steps)
     save_final_model(tr)
     summary = summarize(tr, final, time.perf_counter() - start)
@@ -346,12 +386,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mpi4py import MPI
 
+    from hvcodistill.checkpoint import EXIT_PREEMPTED
     from hvcodistill.exchange import BatchMismatchError
+    from hvcodistill.preemption import Preempted
 
     try:
         return run(args)
     except SystemExit:
         raise
+    except Preempted as e:
+        # Every rank stopped at the same step and the checkpoint is written: exit for a requeue.
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"hvcodistill: {e}; checkpoint written, exiting {EXIT_PREEMPTED} to be requeued",
+                  file=sys.stderr, flush=True)
+        import horovod.torch as hvd
+        hvd.shutdown()
+        return EXIT_PREEMPTED
     except BatchMismatchError as e:
         # Peers detect this together; one line from model 0's rank, then stop the whole job.
         if e.report:
