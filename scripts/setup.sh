@@ -58,11 +58,12 @@ command -v cmake >/dev/null 2>&1 || die "no cmake on PATH: install cmake >= 3.13
 if [[ $VENV == system ]]; then
   PY=$(command -v "$PYTHON")
 else
+  [[ $VENV == /* ]] || VENV=$ROOT/$VENV       # relative to the checkout, or absolute (/opt/venv)
   if [[ ! -x $VENV/bin/python ]]; then
     say "creating $VENV"
     "$PYTHON" -m venv "$VENV" || die "could not create a venv with $PYTHON (Debian: apt-get install python3-venv)"
   fi
-  PY=$ROOT/$VENV/bin/python
+  PY=$VENV/bin/python
 fi
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "$PY is older than Python 3.9"
 

@@ -132,3 +132,20 @@ def test_resnet50_weights_mode_bf16_smoke(ranks, tmp_path):
     state = build_model("resnet50", input_shape=(3, 64, 64), num_classes=10).state_dict().values()
     assert s["exchanged_bytes"] == 2 * 2 * sum(t.numel() * t.element_size() for t in state)
     assert "hvcodistill: done" in proc.stdout
+
+
+def test_horovodrun_launch(tmp_path):
+    """The launcher the README shows for clusters: horovodrun (which starts mpirun itself)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1", OMP_NUM_THREADS="1")
+    horovodrun = str(Path(sys.executable).parent / "horovodrun")
+    proc = subprocess.run([horovodrun, "-np", "4", sys.executable, "-m", "hvcodistill.train", "--config", CODISTILL,
+                           *SHORT, f"run.dir={tmp_path}"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["topology"] == {"world_size": 4, "n_models": 2, "group_size": 2} and s["steps"] == 30
