@@ -33,8 +33,12 @@ RESUME_KEYS = ("codistill.n_models", "codistill.mode", "codistill.every", "codis
                "train.batch_size", "train.seed", "train.amp")
 
 
-def settings(cfg) -> dict:
-    return {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in RESUME_KEYS}
+def settings(cfg, data) -> dict:
+    """What a checkpoint must share with the run that resumes it, the data's shape included."""
+    out = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in RESUME_KEYS}
+    out["data (train samples, input shape, classes)"] = [len(data.train), list(data.input_shape),
+                                                        data.num_classes]
+    return out
 
 
 def model_dir(run_dir: Path, model_id: int) -> Path:
@@ -59,19 +63,19 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":                    # this rank's GPU only: others may be absent on resume
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _buffers(module: torch.nn.Module) -> dict:
@@ -84,11 +88,11 @@ def _load_buffers(module: torch.nn.Module, buffers: dict) -> None:
             b.copy_(buffers[n])
 
 
-def save(tr, step: int) -> None:
-    """Called by every rank at the same step; group rank 0 writes the model's checkpoint."""
+def _write(tr, step: int) -> None:
+    """Group rank 0 writes the model's checkpoint, with what every rank of the group holds alone."""
     teachers = getattr(tr.exchange, "teachers", [])
     local = {"buffers": _buffers(tr.model), "teacher_buffers": [_buffers(t) for t in teachers],
-             "rng": _rng_state(), "timer": vars(tr.timer).copy(),
+             "rng": _rng_state(tr.device), "timer": vars(tr.timer).copy(),
              "exchange": (tr.exchange.seconds, tr.exchange.bytes_received, tr.exchange.count)}
     # group_comm: the per-rank state of every rank of this model travels to group rank 0.
     ranks = tr.comms.group.gather(local, root=0)
@@ -104,9 +108,18 @@ def save(tr, step: int) -> None:
     _write_atomic(directory / f"step_{step:09d}.pt", data)
     meta = {"step": step, "model_id": tr.comms.model_id, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "topology": tr.comms.topology.as_dict(),
-            "settings": settings(tr.cfg)}
+            "settings": settings(tr.cfg, tr.data)}
     _write_atomic(directory / f"step_{step:09d}.json", (json.dumps(meta, indent=1) + "\n").encode())
-    _prune(directory, keep=tr.cfg.run.keep_checkpoints)
+
+
+def save(tr, step: int) -> None:
+    """Called by every rank at the same step: write, then prune once every model has written."""
+    _write(tr, step)
+    # COMM_WORLD: no model drops an older checkpoint before every model has this one, so a crash
+    # mid-write always leaves a step that all models share.
+    tr.comms.world.Barrier()
+    if tr.comms.group_rank == 0:
+        _prune(model_dir(tr.run_dir, tr.comms.model_id), keep=tr.cfg.run.keep_checkpoints)
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -126,7 +139,7 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
-def scan(run_dir: Path, cfg, topology) -> list[int]:
+def scan(run_dir: Path, cfg, topology, data) -> list[int]:
     """Steps, newest first, that every model has a complete checkpoint for; a checkpoint written
     with another topology or settings is an error naming the key (exit 2), not a silent restart."""
     per_model = []
@@ -142,7 +155,7 @@ def scan(run_dir: Path, cfg, topology) -> list[int]:
                     f"checkpoint {p} was written by W={t['world_size']} M={t['n_models']} G={t['group_size']}, "
                     f"this run is W={topology.world_size} M={topology.n_models} G={topology.group_size}: "
                     "resume with the same ranks or use another run.dir")
-            for key, value in settings(cfg).items():
+            for key, value in settings(cfg, data).items():
                 if meta["settings"].get(key) != value:
                     raise ConfigError(
                         f"checkpoint {p} was written with {key}={meta['settings'].get(key)!r}, this run has "
@@ -175,7 +188,7 @@ def restore(tr) -> int:
     found = None
     if world.Get_rank() == 0:
         try:
-            found = (scan(tr.run_dir, tr.cfg, tr.comms.topology), None)
+            found = (scan(tr.run_dir, tr.cfg, tr.comms.topology, tr.data), None)
         except ConfigError as e:
             found = (None, str(e))
     steps, error = world.bcast(found, root=0)
@@ -193,6 +206,9 @@ def restore(tr) -> int:
         if world.Get_rank() == 0:
             print(f"hvcodistill: warning: checkpoint step {step} is corrupt or unreadable on some rank; "
                   "trying the previous one", file=sys.stderr, flush=True)
+    if world.Get_rank() == 0 and any((tr.run_dir / "checkpoints").glob("model_*/step_*.pt")):
+        print(f"hvcodistill: warning: {tr.run_dir / 'checkpoints'} holds checkpoints but none that every "
+              "model completed and every rank can read: starting from step 0", file=sys.stderr, flush=True)
     return 0
 
 
@@ -209,4 +225,4 @@ def _apply(tr, state: dict) -> None:
     for k, v in mine["timer"].items():
         setattr(tr.timer, k, v)
     tr.exchange.seconds, tr.exchange.bytes_received, tr.exchange.count = mine["exchange"]
-    _set_rng_state(mine["rng"])
+    _set_rng_state(mine["rng"], tr.device)

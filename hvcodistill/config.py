@@ -218,6 +218,12 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {value}")
+    if o.momentum < 0 or (o.nesterov and o.momentum == 0):
+        raise ConfigError(f"config key optim.momentum must be >= 0 (> 0 with optim.nesterov), got {o.momentum}")
+    if o.lr_gamma <= 0:
+        raise ConfigError(f"config key optim.lr_gamma must be > 0, got {o.lr_gamma}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in o.wd_values):
+        raise ConfigError(f"config key optim.wd_values must be non-negative numbers, got {o.wd_values}")
     if c.temperature <= 0:
         raise ConfigError(f"config key codistill.temperature must be > 0, got {c.temperature}")
     if o.lr is not None and o.lr <= 0:

@@ -270,4 +270,12 @@ def _imagenet(path: str, seed: int, augment: bool) -> DataSpec:
 
 
 __all__ = ["DATA_NAMES", "BatchDataset", "DataSpec", "SyntheticBatchDataset", "TensorBatchDataset",
-           "TransformBatchDataset", "build_datasets", "mix_seed"]
+           "TransformBatchDataset", "build_datasets", "make_loader", "mix_seed"]
+
+
+def make_loader(dataset, keys, *, workers: int, device: torch.device):
+    """Batches by key. Workers start by forkserver (forking after MPI_Init is unsafe on InfiniBand)
+    and an own generator keeps the loader from drawing on the global RNG (exact resume)."""
+    return torch.utils.data.DataLoader(
+        dataset, sampler=keys, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+        multiprocessing_context="forkserver" if workers > 0 else None, generator=torch.Generator())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     tm = s["timing"]
     print(f"  per rank: compute {tm['compute_s']:.2f}s, all-reduce wait {tm['allreduce_s']:.2f}s, "
           f"exchange {tm['exchange_s']:.2f}s; {s['exchanged_bytes'] / 1e6:.2f} MB exchanged")
-    print(f"\nlook at the run:  {Path(sys.executable).parent / 'tensorboard'} --logdir {args.run_dir}/tb")
+    tensorboard = os.path.relpath(Path(sys.executable).parent / "tensorboard")
+    print(f"\nlook at the run:  {tensorboard} --logdir {args.run_dir}/tb")
     return 0
 
 

@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from hvcodistill.data import make_loader
+
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset, indices: torch.Tensor, *, device: torch.device,
             batch_size: int = 256, workers: int = 0, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on the host) and labels of `indices`, the model in eval mode."""
     keys = [(0, indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
-    loader = torch.utils.data.DataLoader(dataset, sampler=keys, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, keys, workers=workers, device=device)
     was_training = model.training
     model.eval()
     logits, labels = [], []

@@ -53,6 +53,11 @@ class RunLogger:
                 self.jsonl.write(json.dumps(row) + "\n")
         return rows or []
 
+    def flush(self) -> None:
+        self.tb.flush()
+        if self.jsonl is not None:
+            self.jsonl.flush()
+
     def close(self) -> None:
         self.tb.close()
         if self.jsonl is not None:

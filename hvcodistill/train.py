@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hvcodistill.config import Config, load_config, save_config
-from hvcodistill.data import DataSpec, build_datasets
+from hvcodistill.data import DataSpec, build_datasets, make_loader
 from hvcodistill.errors import ConfigError
 from hvcodistill.losses import alpha_at, codistillation_loss
 from hvcodistill.models import build_model
@@ -72,7 +72,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def prepare(args, world_size: int):
+def prepare(args, world_size: int, world_rank: int):
     """Everything that needs no communication; any bad input surfaces here, on every rank alike."""
     from mpi4py import MPI
 
@@ -80,16 +80,42 @@ def prepare(args, world_size: int):
     if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
         raise ConfigError("MPI does not provide MPI_THREAD_MULTIPLE (Horovod and mpi4py share it); "
                           "use an MPI built with thread support")
-    topo = Topology(world_size, cfg.codistill.n_models)
-    d = cfg.data
-    data = build_datasets(d.name, path=d.path, seed=cfg.train.seed, augment=d.augment,
-                          synthetic={"shape": d.synthetic_shape, "num_classes": d.synthetic_classes,
-                                     "train_size": d.synthetic_train_size, "val_size": d.synthetic_val_size})
     if cfg.train.amp == "fp16" and not (cfg.train.device != "cpu" and torch.cuda.is_available()):
         raise ConfigError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but torch sees no GPU on this node")
-    return cfg, topo, data
+    topo = Topology(world_size, cfg.codistill.n_models)
+    model_id, group_rank = topo.model_id(world_rank), topo.group_rank(world_rank)
+    d, t = cfg.data, cfg.train
+    data = build_datasets(d.name, path=d.path, seed=t.seed, augment=d.augment,
+                          synthetic={"shape": d.synthetic_shape, "num_classes": d.synthetic_classes,
+                                     "train_size": d.synthetic_train_size, "val_size": d.synthetic_val_size})
+    plan = BatchPlan(n_samples=len(data.train), batch_size=t.batch_size, group_size=topo.group_size,
+                     group_rank=group_rank, n_models=topo.n_models, model_id=model_id, order=d.order,
+                     seed=t.seed)
+    # Models start from different seeds, so they differ; ranks of one group start identical.
+    torch.manual_seed((t.seed if cfg.model.init_seed is None else cfg.model.init_seed) + model_id)
+    model = build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
+                        hidden=cfg.model.hidden)
+    if world_rank == 0:
+        run_dir = Path(cfg.run.dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        except OSError as e:
+            raise ConfigError(f"run.dir {run_dir} cannot be written: {e.strerror}") from None
+    return cfg, topo, data, plan, model
+
+
+def check_same_data(world, data: DataSpec) -> None:
+    """COMM_WORLD: every rank read its data from its own disk; they must agree on what they read,
+    or ranks would take different numbers of steps (a hang) or distil across different data."""
+    mine = (len(data.train), len(data.val), tuple(data.input_shape), data.num_classes)
+    every = world.allgather(mine)
+    if len(set(every)) > 1:
+        odd = next(r for r, s in enumerate(every) if s != every[0])
+        raise ConfigError(f"data.path differs between ranks: rank 0 has (train, val, shape, classes) = "
+                          f"{every[0]}, rank {odd} has {every[odd]}")
 
 
 def agree(world, fn):
@@ -121,8 +147,9 @@ def pick_device(cfg: Config, comms) -> torch.device:
     return device
 
 
-def connect(cfg: Config, topo: Topology, data: DataSpec, world) -> Trainer:
-    """Split the world, start Horovod on the group, build model, optimiser, exchange and logs."""
+def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model: torch.nn.Module,
+            world) -> Trainer:
+    """Split the world, start Horovod on the group, then optimiser, schedules, exchange and logs."""
     import horovod.torch as hvd
 
     from hvcodistill.exchange import make_exchange
@@ -134,17 +161,9 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, world) -> Trainer:
     device = pick_device(cfg, comms)
     c, t, o = cfg.codistill, cfg.train, cfg.optim
 
-    plan = BatchPlan(n_samples=len(data.train), batch_size=t.batch_size, group_size=topo.group_size,
-                     group_rank=comms.group_rank, n_models=topo.n_models, model_id=comms.model_id,
-                     order=cfg.data.order, seed=t.seed)
     spe = plan.steps_per_epoch
     total = t.steps or max(1, int(round(t.epochs * spe)))
-
-    # Models start from different seeds, so they differ; ranks of one group start identical.
-    init_seed = (t.seed if cfg.model.init_seed is None else cfg.model.init_seed) + comms.model_id
-    torch.manual_seed(init_seed)
-    model = build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
-                        hidden=cfg.model.hidden).to(device)
+    model = model.to(device)
     base_lr = o.lr if o.lr is not None else goyal_lr(t.batch_size * topo.group_size)
     if o.name == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=o.momentum, nesterov=o.nesterov,
@@ -166,11 +185,7 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, world) -> Trainer:
     exchange = make_exchange(mode=c.mode, n_models=topo.n_models, alpha=c.alpha, every=c.every,
                              peer=comms.peer, model_id=comms.model_id, model=model)
 
-    run_dir = Path(cfg.run.dir)
-    if comms.world_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    world.Barrier()   # COMM_WORLD: the run directory exists before any rank writes into it
+    run_dir = Path(cfg.run.dir)      # made by world rank 0 in prepare(), before the agreement
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     return Trainer(cfg=cfg, comms=comms, data=data, plan=plan, model=model, optimizer=opt, scaler=scaler,
                    exchange=exchange, logger=RunLogger(run_dir, comms), device=device, lr=lr, wd=wd,
@@ -216,9 +231,8 @@ def train(tr: Trainer, guard) -> None:
     from hvcodistill.preemption import Preempted
 
     t, every_ckpt = tr.cfg.train, tr.cfg.run.checkpoint_every
-    loader = torch.utils.data.DataLoader(
-        tr.data.train, sampler=tr.plan.keys(tr.start_step, tr.total_steps), batch_size=None,
-        num_workers=tr.cfg.data.workers, pin_memory=tr.device.type == "cuda")
+    loader = make_loader(tr.data.train, tr.plan.keys(tr.start_step, tr.total_steps),
+                         workers=tr.cfg.data.workers, device=tr.device)
     progress = Progress(tr.total_steps, tr.start_step, enabled=t.progress and tr.comms.world_rank == 0)
     window, window_start = _empty_window(), tr.start_step
     exchange_s_before = tr.exchange.seconds     # exchange_s is logged per window, not cumulative
@@ -273,18 +287,28 @@ def _empty_window() -> dict:
 def validate(tr: Trainer, step: int) -> dict:
     from hvcodistill.evaluate import evaluate
 
-    sync_buffers(tr)
-    result = evaluate(tr.model, tr.data.val, tr.comms, device=tr.device, workers=tr.cfg.data.workers,
-                      autocast=tr.autocast)
+    with averaged_buffers(tr):
+        result = evaluate(tr.model, tr.data.val, tr.comms, device=tr.device, workers=tr.cfg.data.workers,
+                          autocast=tr.autocast)
     tr.logger.log(step, "val", result)
     return result
 
 
-def sync_buffers(tr: Trainer) -> None:
-    """group_comm: average BatchNorm running statistics, so every rank evaluates the same model."""
+@contextlib.contextmanager
+def averaged_buffers(tr: Trainer):
+    """group_comm: average BatchNorm statistics so every rank evaluates (and saves) the same model;
+    each rank's own statistics come back afterwards, so evaluating never changes training."""
+    own = {n: b.clone() for n, b in tr.model.named_buffers() if b.is_floating_point()}
     for name, buf in tr.model.named_buffers():
         if buf.is_floating_point():
             tr.hvd.allreduce_(buf, op=tr.hvd.Average, name=f"buffer.{name}")
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in tr.model.named_buffers():
+                if name in own:
+                    buf.copy_(own[name])
 
 
 # ----------------------------------------------------------------------------- the end
@@ -359,17 +383,22 @@ def run(args) -> int:
 def _run(args, world, guard, start: float) -> int:
     from hvcodistill import checkpoint
 
-    cfg, topo, data = agree(world, lambda: prepare(args, world.Get_size()))
-    tr = agree(world, lambda: connect(cfg, topo, data, world))
+    cfg, topo, data, plan, model = agree(world, lambda: prepare(args, world.Get_size(), world.Get_rank()))
+    agree(world, lambda: check_same_data(world, data))
+    tr = connect(cfg, topo, data, plan, model, world)
     if cfg.run.resume:
         tr.start_step = agree(world, lambda: checkpoint.restore(tr))
     start_step = tr.start_step
-    train(tr, guard)
+    try:
+        train(tr, guard)
+    finally:
+        tr.logger.flush()             # a preempted run keeps its last TensorBoard points
     guard.close()
     if start_step < tr.total_steps:       # a requeue after the end finds this and trains no more
         checkpoint.save(tr, tr.total_steps)
     final = validate(tr, tr.total_steps)
-    save_final_model(tr)
+    with averaged_buffers(tr):            # the saved model is the one validated
+        save_final_model(tr)
     summary = summarize(tr, final, time.perf_counter() - start)
     tr.logger.close()
     if summary is not None:

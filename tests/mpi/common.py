@@ -12,8 +12,8 @@ from hvcodistill import train as T
 def make_trainer(overrides, config=None):
     world = MPI.COMM_WORLD
     args = argparse.Namespace(config=config, overrides=list(overrides) + ["train.progress=false"])
-    cfg, topo, data = T.agree(world, lambda: T.prepare(args, world.Get_size()))
-    return T.agree(world, lambda: T.connect(cfg, topo, data, world))
+    cfg, topo, data, plan, model = T.agree(world, lambda: T.prepare(args, world.Get_size(), world.Get_rank()))
+    return T.connect(cfg, topo, data, plan, model, world)
 
 
 def batch(tr, step):
