@@ -65,3 +65,16 @@ class WDSchedule:
 def to_steps(value: float, *, unit: str, steps_per_epoch: int) -> int:
     """A length in `unit` (epochs | steps) as a whole number of steps."""
     return int(round(value * steps_per_epoch)) if unit == "epochs" else int(value)
+
+
+def build_schedules(optim, *, per_model_batch: int, steps_per_epoch: int,
+                    total_steps: int) -> tuple[LRSchedule, WDSchedule]:
+    """The LR and weight-decay schedules that the `optim.*` config keys describe, in steps."""
+    steps = lambda v: to_steps(v, unit=optim.unit, steps_per_epoch=steps_per_epoch)  # noqa: E731
+    base_lr = optim.lr if optim.lr is not None else goyal_lr(per_model_batch)
+    lr = LRSchedule(base_lr=base_lr, total_steps=total_steps, warmup_steps=steps(optim.warmup),
+                    kind=optim.lr_schedule, milestones=tuple(steps(m) for m in optim.lr_milestones),
+                    gamma=optim.lr_gamma)
+    wd = WDSchedule(initial=optim.weight_decay, milestones=tuple(steps(m) for m in optim.wd_milestones),
+                    values=tuple(float(v) for v in optim.wd_values))
+    return lr, wd

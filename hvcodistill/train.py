@@ -23,7 +23,7 @@ from hvcodistill.errors import ConfigError
 from hvcodistill.losses import alpha_at, codistillation_loss
 from hvcodistill.models import build_model
 from hvcodistill.plan import BatchPlan, batch_checksum
-from hvcodistill.schedules import LRSchedule, WDSchedule, goyal_lr, itstime, to_steps
+from hvcodistill.schedules import LRSchedule, WDSchedule, build_schedules, itstime
 from hvcodistill.topology import Topology
 
 
@@ -164,7 +164,9 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
     spe = plan.steps_per_epoch
     total = t.steps or max(1, int(round(t.epochs * spe)))
     model = model.to(device)
-    base_lr = o.lr if o.lr is not None else goyal_lr(t.batch_size * topo.group_size)
+    lr, wd = build_schedules(o, per_model_batch=t.batch_size * topo.group_size, steps_per_epoch=spe,
+                             total_steps=total)
+    base_lr = lr.base_lr
     if o.name == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=o.momentum, nesterov=o.nesterov,
                               weight_decay=o.weight_decay)
@@ -177,11 +179,6 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
     # which applies weight decay once before training: so it is not called.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-    steps = lambda v: to_steps(v, unit=o.unit, steps_per_epoch=spe)  # noqa: E731
-    lr = LRSchedule(base_lr=base_lr, total_steps=total, warmup_steps=steps(o.warmup), kind=o.lr_schedule,
-                    milestones=tuple(steps(m) for m in o.lr_milestones), gamma=o.lr_gamma)
-    wd = WDSchedule(initial=o.weight_decay, milestones=tuple(steps(m) for m in o.wd_milestones),
-                    values=tuple(float(v) for v in o.wd_values))
     exchange = make_exchange(mode=c.mode, n_models=topo.n_models, alpha=c.alpha, every=c.every,
                              peer=comms.peer, model_id=comms.model_id, model=model)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from hvcodistill.config import load_config
-from hvcodistill.schedules import LRSchedule, WDSchedule, goyal_lr, to_steps
+from hvcodistill.schedules import build_schedules
 from hvcodistill.topology import Topology
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -16,12 +16,8 @@ def schedules(name, world_size=16):
     topo = Topology(world_size, cfg.codistill.n_models)
     batch = cfg.train.batch_size * topo.group_size
     spe = IMAGENET_TRAIN // batch
-    o = cfg.optim
-    steps = lambda v: to_steps(v, unit=o.unit, steps_per_epoch=spe)  # noqa: E731
     total = round(cfg.train.epochs * spe)
-    lr = LRSchedule(base_lr=o.lr or goyal_lr(batch), total_steps=total, warmup_steps=steps(o.warmup),
-                    kind=o.lr_schedule, milestones=[steps(m) for m in o.lr_milestones], gamma=o.lr_gamma)
-    wd = WDSchedule(initial=o.weight_decay, milestones=[steps(m) for m in o.wd_milestones], values=o.wd_values)
+    lr, wd = build_schedules(cfg.optim, per_model_batch=batch, steps_per_epoch=spe, total_steps=total)
     return cfg, batch, spe, total, lr, wd
 
 

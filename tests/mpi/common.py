@@ -3,7 +3,6 @@ import argparse
 import hashlib
 import sys
 
-import torch
 from mpi4py import MPI
 
 from hvcodistill import train as T
