@@ -30,13 +30,32 @@ class RunLogger:
         self.comms = comms
         self.is_group_root = comms.group_rank == 0
         self.is_world_root = comms.world_rank == 0
+        self.run_dir, self.enabled = run_dir, enabled
         self.tb = NullWriter()
         self.jsonl = None
-        if enabled and self.is_group_root:
+        self._open(purge_step=None)
+
+    def _open(self, purge_step: int | None) -> None:
+        if self.enabled and self.is_group_root:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb" / f"model_{comms.model_id}"))
-        if enabled and self.is_world_root:
-            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb" / f"model_{self.comms.model_id}"),
+                                    purge_step=purge_step)
+        if self.enabled and self.is_world_root:
+            self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def resume_at(self, step: int) -> None:
+        """After a restart from the checkpoint at `step`, drop what was logged past it (a crash
+        between checkpoints logged steps that will now run again), so no step appears twice."""
+        self.close()
+        if self.enabled and self.is_world_root:
+            path = self.run_dir / "metrics.jsonl"
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= step]
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+        self._open(purge_step=step + 1)      # TensorBoard hides its events past `step`
 
     def log(self, step: int, kind: str, scalars: dict) -> list[dict]:
         """Write this model's `scalars` (already averaged over its group); returns every model's rows

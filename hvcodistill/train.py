@@ -385,6 +385,8 @@ def _run(args, world, guard, start: float) -> int:
     tr = connect(cfg, topo, data, plan, model, world)
     if cfg.run.resume:
         tr.start_step = agree(world, lambda: checkpoint.restore(tr))
+        if tr.start_step:
+            tr.logger.resume_at(tr.start_step)
     start_step = tr.start_step
     try:
         train(tr, guard)

@@ -92,6 +92,14 @@ def test_retention_corrupt_and_truncated_files_fall_back(tmp_path):
     assert "checkpoint step 40 is corrupt" in again.stderr
     assert "resuming from step 20" in again.stderr
     assert_same_models(tmp_path / "run", reference)
+    # steps 25..40 ran twice; the logs hold each once (metrics.jsonl trimmed, TensorBoard purged)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [(r["model"], r["step"]) for r in rows if r["kind"] == "train"]
+    assert sorted(train_rows) == [(m, s) for m in (0, 1) for s in range(5, 45, 5)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "run" / "tb" / "model_1"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/task_loss")] == list(range(5, 45, 5))
 
 
 @pytest.mark.parametrize("np,override,needle", [
