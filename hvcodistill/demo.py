@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cmd, env = mpirun_command(args.np, [sys.executable, "-m", "hvcodistill.train", "--config", str(CONFIG),
                                        f"run.dir={args.run_dir}", *args.overrides])
-    print(f"demo: {args.np} ranks, {CONFIG.name}: 2 models exchange predictions every step", flush=True)
+    if Path(args.run_dir).exists():
+        # a demo starts fresh: left in place, the last run's final checkpoint would be resumed
+        shutil.rmtree(args.run_dir)
+    print(f"demo: {args.np} ranks, {CONFIG.name}: 2 models exchange predictions every step; "
+          f"run directory {args.run_dir}", flush=True)
     code = subprocess.call(cmd, env=env)
     if code != 0:
         print(f"demo: training exited with code {code}", file=sys.stderr)
