@@ -99,6 +99,10 @@ def prepare(args, world_size: int, world_rank: int):
                         hidden=cfg.model.hidden)
     if world_rank == 0:
         run_dir = Path(cfg.run.dir)
+        if not cfg.run.resume and any((run_dir / "checkpoints").glob("model_*/step_*.pt")):
+            # a fresh run would mix its checkpoints with the old ones, and a later resume pick either
+            raise ConfigError(f"run.resume=false but {run_dir / 'checkpoints'} holds checkpoints: "
+                              "use a new run.dir or delete them")
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")

@@ -105,6 +105,7 @@ def test_retention_corrupt_and_truncated_files_fall_back(tmp_path):
 @pytest.mark.parametrize("np,override,needle", [
     (4, "codistill.every=3", "codistill.every"),
     (2, "codistill.every=7", "W=4 M=2 G=2"),
+    (4, "run.resume=false", "run.resume=false"),
 ])
 def test_resume_with_other_settings_is_refused(tmp_path, np, override, needle):
     steps = ["train.steps=10", *MODES["weights"]]
