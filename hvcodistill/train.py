@@ -32,6 +32,7 @@ class Timer:
     compute_s: float = 0.0
     allreduce_s: float = 0.0
     loop_s: float = 0.0
+    wall_s: float = 0.0       # the whole run's wall time up to the last checkpoint, all segments
 
 
 @dataclass
@@ -54,6 +55,12 @@ class Trainer:
     hvd: object
     start_step: int = 0
     timer: Timer = field(default_factory=Timer)
+    started: float = field(default_factory=time.perf_counter)   # this process's start
+    wall_before: float = 0.0                                      # earlier segments' wall time
+    resumed_from: int = 0
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
 
     def autocast(self):
         amp = self.cfg.train.amp
@@ -242,6 +249,7 @@ def train(tr: Trainer, guard) -> None:
     def account() -> None:
         tr.timer.loop_s = loop_s_before + time.perf_counter() - loop_start
         tr.timer.compute_s = tr.timer.loop_s - tr.timer.allreduce_s - tr.exchange.seconds
+        tr.timer.wall_s = tr.wall_seconds()
 
     try:
         for step, (x, y) in enumerate(loader, start=tr.start_step):
@@ -313,7 +321,7 @@ def averaged_buffers(tr: Trainer):
 
 
 # ----------------------------------------------------------------------------- the end
-def summarize(tr: Trainer, final: dict, wall_seconds: float) -> dict | None:
+def summarize(tr: Trainer, final: dict) -> dict | None:
     """Gather every model's figures to world rank 0 and write summary.json there."""
     import numpy as np
     from mpi4py import MPI
@@ -338,7 +346,9 @@ def summarize(tr: Trainer, final: dict, wall_seconds: float) -> dict | None:
         "alpha": tr.cfg.codistill.alpha,
         "steps": tr.total_steps,
         "steps_per_epoch": tr.plan.steps_per_epoch,
-        "wall_seconds": wall_seconds,
+        "wall_seconds": tr.wall_seconds(),        # all segments of a resumed run
+        "segment_seconds": time.perf_counter() - tr.started,
+        "resumed_from_step": tr.resumed_from,
         "models": sorted((m for m in models if m), key=lambda m: m["id"]),
         "ensemble_val_accuracy": final["ensemble_val_accuracy"],
         "disagreement": final["disagreement"],
@@ -387,8 +397,10 @@ def _run(args, world, guard, start: float) -> int:
     cfg, topo, data, plan, model = agree(world, lambda: prepare(args, world.Get_size(), world.Get_rank()))
     agree(world, lambda: check_same_data(world, data))
     tr = connect(cfg, topo, data, plan, model, world)
+    tr.started = start
     if cfg.run.resume:
         tr.start_step = agree(world, lambda: checkpoint.restore(tr))
+        tr.wall_before, tr.resumed_from = tr.timer.wall_s, tr.start_step
         if tr.start_step:
             tr.logger.resume_at(tr.start_step)
     start_step = tr.start_step
@@ -402,7 +414,7 @@ def _run(args, world, guard, start: float) -> int:
     final = validate(tr, tr.total_steps)
     with averaged_buffers(tr):            # the saved model is the one validated
         save_final_model(tr)
-    summary = summarize(tr, final, time.perf_counter() - start)
+    summary = summarize(tr, final)
     tr.logger.close()
     if summary is not None:
         accs = ", ".join(f"model {m['id']} {m['val_accuracy']:.4f}" for m in summary["models"])

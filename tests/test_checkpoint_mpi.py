@@ -66,6 +66,10 @@ def test_signal_checkpoint_and_exact_resume(tmp_path, mode):
     a = json.loads((tmp_path / "cut" / "summary.json").read_text())
     b = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert a["exchanges"] == b["exchanges"] and a["exchanged_bytes"] == b["exchanged_bytes"]
+    # wall time adds up the segments: the cut run's total exceeds its resumed segment alone
+    assert a["resumed_from_step"] == int(stopped[0].stem.split("_")[1]) and b["resumed_from_step"] == 0
+    assert a["wall_seconds"] - a["segment_seconds"] > 0.1, (a["wall_seconds"], a["segment_seconds"])
+    assert b["wall_seconds"] == pytest.approx(b["segment_seconds"], abs=0.1)
 
 
 def test_retention_corrupt_and_truncated_files_fall_back(tmp_path):
