@@ -9,9 +9,12 @@ from __future__ import annotations
 import copy
 import time
 
+from typing import Callable
+
 import numpy as np
 import torch
 
+from hvcodistill.plan import batch_checksum
 from hvcodistill.schedules import itstime
 
 
@@ -31,7 +34,7 @@ class Exchange:
         self.bytes_received = 0     # bytes this rank received from its peers
         self.count = 0
 
-    def teacher_logits(self, *, step: int, x: torch.Tensor, logits: torch.Tensor, checksum: int,
+    def teacher_logits(self, *, step: int, x: torch.Tensor, logits: torch.Tensor,
                        alpha: float) -> list[torch.Tensor]:
         return []
 
@@ -49,17 +52,19 @@ class Exchange:
 class PredictionExchange(Exchange):
     """Every k steps peers allgather the logits of the batch they all hold (data.order=shared).
 
-    A batch checksum (epoch and sample indices) rides in the same buffer, so a peer holding a
-    different batch is caught on every exchange at the cost of 8 bytes.
+    A batch checksum (epoch and sample indices, from `batch_key(step)`) rides in the same buffer,
+    so a peer holding a different batch is caught on every exchange at the cost of 8 bytes; it is
+    computed on exchange steps only.
     """
 
-    def __init__(self, peer, model_id: int, every: int):
+    def __init__(self, peer, model_id: int, every: int, batch_key: Callable[[int], tuple]):
         super().__init__()
-        self.peer, self.model_id, self.every = peer, model_id, every
+        self.peer, self.model_id, self.every, self.batch_key = peer, model_id, every, batch_key
 
-    def teacher_logits(self, *, step, x, logits, checksum, alpha):
+    def teacher_logits(self, *, step, x, logits, alpha):
         if alpha == 0 or not itstime(step, self.every):
             return []
+        checksum = batch_checksum(*self.batch_key(step))
         local = logits.detach().float().cpu().contiguous().numpy()
         payload = np.concatenate([local.reshape(-1).view(np.uint8),
                                   np.array([checksum], dtype=np.uint64).view(np.uint8)])
@@ -109,7 +114,7 @@ class WeightExchange(Exchange):
                     dst.copy_(raw.view(src.dtype).view(src.shape))
                     offset += n
 
-    def teacher_logits(self, *, step, x, logits, checksum, alpha):
+    def teacher_logits(self, *, step, x, logits, alpha):
         if itstime(step, self.every):
             self.exchange()
         if alpha == 0:
@@ -119,9 +124,9 @@ class WeightExchange(Exchange):
 
 
 def make_exchange(*, mode: str, n_models: int, alpha: float, every: int, peer, model_id: int,
-                  model: torch.nn.Module) -> Exchange:
+                  model: torch.nn.Module, batch_key: Callable[[int], tuple]) -> Exchange:
     if n_models == 1 or alpha == 0:
         return Exchange()
     if mode == "predictions":
-        return PredictionExchange(peer, model_id, every)
+        return PredictionExchange(peer, model_id, every, batch_key)
     return WeightExchange(peer, model_id, every, model)

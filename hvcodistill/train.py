@@ -22,7 +22,7 @@ from hvcodistill.data import DataSpec, build_datasets, make_loader
 from hvcodistill.errors import ConfigError
 from hvcodistill.losses import alpha_at, codistillation_loss
 from hvcodistill.models import build_model
-from hvcodistill.plan import BatchPlan, batch_checksum
+from hvcodistill.plan import BatchPlan
 from hvcodistill.schedules import LRSchedule, WDSchedule, build_schedules, itstime
 from hvcodistill.topology import Topology
 
@@ -191,7 +191,7 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     exchange = make_exchange(mode=c.mode, n_models=topo.n_models, alpha=c.alpha, every=c.every,
-                             peer=comms.peer, model_id=comms.model_id, model=model)
+                             peer=comms.peer, model_id=comms.model_id, model=model, batch_key=plan.key)
 
     run_dir = Path(cfg.run.dir)      # made by world rank 0 in prepare(), before the agreement
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
@@ -214,8 +214,7 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
     with tr.autocast():
         logits = tr.model(x)
         # peer_comm (on exchange steps): the teachers' logits for this batch; constants.
-        teachers = tr.exchange.teacher_logits(step=step, x=x, logits=logits,
-                                              checksum=batch_checksum(*tr.plan.key(step)), alpha=alpha)
+        teachers = tr.exchange.teacher_logits(step=step, x=x, logits=logits, alpha=alpha)
     loss, parts = codistillation_loss(logits=logits.float(), targets=y, alpha=alpha, distance=c.distance,
                                       temperature=c.temperature, teacher_logits=[t.float() for t in teachers])
     tr.optimizer.zero_grad()
@@ -275,9 +274,9 @@ def train(tr: Trainer, guard) -> None:
                 window, window_start = _empty_window(), done
             else:
                 progress.update(done)
-            if t.eval_every and itstime(done, t.eval_every, first=False) and done != tr.total_steps:
+            if itstime(done, t.eval_every, first=False) and done != tr.total_steps:
                 validate(tr, done)
-            if every_ckpt and itstime(done, every_ckpt, first=False) and done != tr.total_steps:
+            if itstime(done, every_ckpt, first=False) and done != tr.total_steps:
                 account()
                 checkpoint.save(tr, done)
             if guard.should_stop() and done != tr.total_steps:

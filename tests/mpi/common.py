@@ -20,14 +20,6 @@ def batch(tr, step):
     return x.to(tr.device), y.to(tr.device)
 
 
-def digest(module):
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def params_digest(module):
     h = hashlib.sha256()
     for p in module.parameters():
