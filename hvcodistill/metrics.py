@@ -110,7 +110,7 @@ class Progress:
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
         self.enabled = enabled
-        self.total = total
+        self.total, self.initial = total, initial
         self.t0 = time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -124,7 +124,7 @@ class Progress:
             if info:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
         elif force_line:
-            rate = step / max(1e-9, time.perf_counter() - self.t0)
+            rate = (step - self.initial) / max(1e-9, time.perf_counter() - self.t0)   # this segment
             text = " ".join(f"{k}={v:.4g}" for k, v in (info or {}).items())
             print(f"step {step}/{self.total} ({rate:.1f} steps/s) {text}", file=sys.stderr, flush=True)
 
