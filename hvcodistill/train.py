@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 import traceback
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import torch
 
+from hvcodistill.comm.topology import Topology
+from hvcodistill.comm.traffic import (COLLECTIVES, LINKS, Traffic, allgather_sends, allreduce_sends,
+                                      horovod_algorithm, per_step)
 from hvcodistill.config import Config, load_config, save_config
-from hvcodistill.data import DataSpec, build_datasets, make_loader
+from hvcodistill.data import BatchPlan, DataSpec, build_datasets, make_loader
 from hvcodistill.errors import ConfigError
-from hvcodistill.losses import alpha_at, codistillation_loss
 from hvcodistill.models import build_model
-from hvcodistill.plan import BatchPlan
-from hvcodistill.schedules import LRSchedule, WDSchedule, build_schedules, itstime
-from hvcodistill.topology import Topology
+from hvcodistill.training.losses import alpha_at, codistillation_loss
+from hvcodistill.training.schedules import LRSchedule, WDSchedule, build_schedules, itstime
 
 
 @dataclass
@@ -53,6 +55,9 @@ class Trainer:
     total_steps: int
     run_dir: Path
     hvd: object
+    traffic: Traffic                 # this rank's bytes sent, by collective and link
+    allreduce_sends: dict            # what one gradient all-reduce sends from this rank, by link
+    allreduce_algorithm: str         # the model behind allreduce_sends: ring | hierarchical
     start_step: int = 0
     timer: Timer = field(default_factory=Timer)
     started: float = field(default_factory=time.perf_counter)   # this process's start
@@ -163,9 +168,9 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
     """Split the world, start Horovod on the group, then optimiser, schedules, exchange and logs."""
     import horovod.torch as hvd
 
-    from hvcodistill.exchange import make_exchange
-    from hvcodistill.metrics import RunLogger
-    from hvcodistill.topology import split_communicators
+    from hvcodistill.comm.exchange import make_exchange
+    from hvcodistill.training.metrics import RunLogger
+    from hvcodistill.comm.topology import split_communicators
 
     comms = split_communicators(world, topo.n_models)
     hvd.init(comm=comms.group)          # Horovod's all-reduce runs on group_comm only
@@ -190,14 +195,23 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
     # which applies weight decay once before training: so it is not called.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
+    # Bytes by link: the exchange counts its own; the gradient all-reduce follows a stated model
+    # (hvcodistill/comm/traffic.py) applied to the real gradient sizes, once per step.
+    traffic = Traffic()
+    algorithm = horovod_algorithm(device.type, os.environ)
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    allreduce = allreduce_sends(algorithm, comms.group_ranks, comms.world_rank, grad_bytes, comms.nodes)
     exchange = make_exchange(mode=c.mode, n_models=topo.n_models, alpha=c.alpha, every=c.every,
-                             peer=comms.peer, model_id=comms.model_id, model=model, batch_key=plan.key)
+                             peer=comms.peer, model_id=comms.model_id, model=model, batch_key=plan.key,
+                             traffic=traffic,
+                             peers_by_link=allgather_sends(comms.peer_ranks, comms.world_rank, 1, comms.nodes))
 
     run_dir = Path(cfg.run.dir)      # made by world rank 0 in prepare(), before the agreement
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     return Trainer(cfg=cfg, comms=comms, data=data, plan=plan, model=model, optimizer=opt, scaler=scaler,
                    exchange=exchange, logger=RunLogger(run_dir, comms), device=device, lr=lr, wd=wd,
-                   total_steps=total, run_dir=run_dir, hvd=hvd)
+                   total_steps=total, run_dir=run_dir, hvd=hvd, traffic=traffic, allreduce_sends=allreduce,
+                   allreduce_algorithm=algorithm)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -222,6 +236,7 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
     start = time.perf_counter()
     tr.optimizer.synchronize()      # group_comm: wait for Horovod's averaged gradients
     tr.timer.allreduce_s += time.perf_counter() - start
+    tr.traffic.add("allreduce", tr.allreduce_sends)
     if tr.scaler.is_enabled():
         tr.scaler.unscale_(tr.optimizer)
     with tr.optimizer.skip_synchronize():
@@ -233,9 +248,9 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
 
 def train(tr: Trainer, guard) -> None:
     """The loop: lr/wd -> step (exchange inside) -> log -> evaluate -> checkpoint -> stop?"""
-    from hvcodistill import checkpoint
-    from hvcodistill.metrics import Progress, group_mean
-    from hvcodistill.preemption import Preempted
+    from hvcodistill.training import checkpoint
+    from hvcodistill.training.metrics import Progress, group_mean
+    from hvcodistill.comm.preemption import Preempted
 
     t, every_ckpt = tr.cfg.train, tr.cfg.run.checkpoint_every
     loader = make_loader(tr.data.train, tr.plan.keys(tr.start_step, tr.total_steps),
@@ -243,6 +258,7 @@ def train(tr: Trainer, guard) -> None:
     progress = Progress(tr.total_steps, tr.start_step, enabled=t.progress and tr.comms.world_rank == 0)
     window, window_start = _empty_window(), tr.start_step
     exchange_s_before = tr.exchange.seconds     # exchange_s is logged per window, not cumulative
+    traffic_before = tr.traffic.flat()          # so are the bytes by link
     loop_start, loop_s_before = time.perf_counter(), tr.timer.loop_s
 
     def account() -> None:
@@ -264,7 +280,9 @@ def train(tr: Trainer, guard) -> None:
                 n_steps = done - window_start
                 local = {"task_loss": float(window["task_loss"]) / n_steps,
                          "distill_loss": float(window["distill_loss"]) / n_steps,
-                         "accuracy": float(window["correct"]) / window["samples"]}
+                         "accuracy": float(window["correct"]) / window["samples"],
+                         **window_bytes(tr.traffic, traffic_before, n_steps, tr.comms.topology.group_size)}
+                traffic_before = tr.traffic.flat()
                 scalars = group_mean(tr.comms.group, local)       # group_comm: average over the group
                 scalars.update(lr=lr, weight_decay=wd, exchange_s=tr.exchange.seconds - exchange_s_before)
                 exchange_s_before = tr.exchange.seconds
@@ -288,16 +306,24 @@ def train(tr: Trainer, guard) -> None:
     account()
 
 
+def window_bytes(traffic: Traffic, before: list, n_steps: int, group_size: int) -> dict:
+    """This rank's bytes per step since `before`, by collective and link, scaled by the group size
+    so that the group mean logged to TensorBoard is the whole model's bytes per step."""
+    names = [f"bytes_{c}_{link}" for c in COLLECTIVES for link in LINKS]
+    return {name: (now - then) * group_size / n_steps
+            for name, now, then in zip(names, traffic.flat(), before)}
+
+
 def _empty_window() -> dict:
     return {"task_loss": 0.0, "distill_loss": 0.0, "correct": 0.0, "samples": 0}
 
 
 def validate(tr: Trainer, step: int) -> dict:
-    from hvcodistill.evaluate import evaluate
+    from hvcodistill.training.evaluate import evaluate
 
     with averaged_buffers(tr):
         result = evaluate(tr.model, tr.data.val, tr.comms, device=tr.device, workers=tr.cfg.data.workers,
-                          autocast=tr.autocast)
+                          autocast=tr.autocast, traffic=tr.traffic)
     tr.logger.log(step, "val", result)
     return result
 
@@ -307,6 +333,9 @@ def averaged_buffers(tr: Trainer):
     """group_comm: average BatchNorm statistics so every rank evaluates (and saves) the same model;
     each rank's own statistics come back afterwards, so evaluating never changes training."""
     own = {n: b.clone() for n, b in tr.model.named_buffers() if b.is_floating_point()}
+    c = tr.comms
+    nbytes = sum(b.numel() * b.element_size() for b in own.values())
+    tr.traffic.add("evaluation", allreduce_sends(tr.allreduce_algorithm, c.group_ranks, c.world_rank, nbytes, c.nodes))
     for name, buf in tr.model.named_buffers():
         if buf.is_floating_point():
             tr.hvd.allreduce_(buf, op=tr.hvd.Average, name=f"buffer.{name}")
@@ -325,14 +354,15 @@ def summarize(tr: Trainer, final: dict) -> dict | None:
     import numpy as np
     from mpi4py import MPI
 
-    from hvcodistill.metrics import write_json_atomic
+    from hvcodistill.training.metrics import write_json_atomic
 
     world, topo = tr.comms.world, tr.comms.topology
     # COMM_WORLD: mean time per rank and total bytes received over peer_comm.
     local = np.array([tr.timer.compute_s, tr.timer.allreduce_s, tr.exchange.seconds, tr.timer.loop_s,
-                      float(tr.exchange.bytes_received), float(tr.exchange.count)])
+                      float(tr.exchange.bytes_received), float(tr.exchange.count), *map(float, tr.traffic.flat())])
     total = np.empty_like(local)
-    world.Allreduce(local, total, op=MPI.SUM)
+    world.Allreduce(local, total, op=MPI.SUM)       # float64: bytes stay exact up to 2**53
+    moved = Traffic.unflat(total[6:])
     models = world.gather({"id": tr.comms.model_id, "val_accuracy": final["val_accuracy"],
                            "val_loss": final["val_loss"]} if tr.comms.group_rank == 0 else None, root=0)
     if world.Get_rank() != 0:
@@ -355,6 +385,12 @@ def summarize(tr: Trainer, final: dict) -> dict | None:
                    "loop_s": total[3] / w, "step_s": total[3] / w / max(1, tr.total_steps)},
         "exchanged_bytes": int(total[4]),
         "exchanges": int(total[5] / w),
+        # where the bytes went: all ranks' sends, per training step and in all, by collective and link
+        "nodes": tr.comms.nodes.as_dict(),
+        "bytes_per_step": per_step(moved, tr.total_steps),
+        "bytes": moved,
+        "bytes_model": {"allreduce": tr.allreduce_algorithm, "exchange": "counted", "evaluation": "counted",
+                        "checkpoint": "counted"},
     }
     write_json_atomic(tr.run_dir / "summary.json", summary)
     return summary
@@ -373,7 +409,7 @@ def save_final_model(tr: Trainer) -> None:
 def run(args) -> int:
     from mpi4py import MPI
 
-    from hvcodistill.preemption import Preempted, PreemptionGuard
+    from hvcodistill.comm.preemption import Preempted, PreemptionGuard
 
     world = MPI.COMM_WORLD
     start = time.perf_counter()
@@ -391,7 +427,7 @@ def run(args) -> int:
 
 
 def _run(args, world, guard, start: float) -> int:
-    from hvcodistill import checkpoint
+    from hvcodistill.training import checkpoint
 
     cfg, topo, data, plan, model = agree(world, lambda: prepare(args, world.Get_size(), world.Get_rank()))
     agree(world, lambda: check_same_data(world, data))
@@ -429,9 +465,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mpi4py import MPI
 
-    from hvcodistill.checkpoint import EXIT_PREEMPTED
-    from hvcodistill.exchange import BatchMismatchError
-    from hvcodistill.preemption import Preempted
+    from hvcodistill.training.checkpoint import EXIT_PREEMPTED
+    from hvcodistill.comm.exchange import BatchMismatchError
+    from hvcodistill.comm.preemption import Preempted
 
     try:
         return run(args)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hvcodistill.losses import alpha_at, codistillation_loss, distillation_distance
+from hvcodistill.training.losses import alpha_at, codistillation_loss, distillation_distance
 
 S = [[1.0, 2.0, 0.5], [-1.0, 0.0, 3.0]]
 T = [[0.2, -0.3, 1.5], [2.0, 1.0, -0.5]]

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from hvcodistill.config import load_config
-from hvcodistill.schedules import build_schedules
-from hvcodistill.topology import Topology
+from hvcodistill.training.schedules import build_schedules
+from hvcodistill.comm.topology import Topology
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_TRAIN = 1_281_167

@@ -1,6 +1,6 @@
 import pytest
 
-from hvcodistill.schedules import LRSchedule, WDSchedule, goyal_lr, itstime, to_steps
+from hvcodistill.training.schedules import LRSchedule, WDSchedule, goyal_lr, itstime, to_steps
 
 
 def test_warmup_is_linear_and_reaches_base_lr():

@@ -11,7 +11,7 @@ import torch
 from mpi4py import MPI
 
 from common import batch, fail, make_trainer
-from hvcodistill.exchange import BatchMismatchError, PredictionExchange
+from hvcodistill.comm.exchange import BatchMismatchError, PredictionExchange
 from hvcodistill.models import build_model
 from hvcodistill.train import train_step
 

@@ -4,7 +4,7 @@ from mpi4py import MPI
 import horovod.torch as hvd
 import torch
 
-from hvcodistill.topology import split_communicators
+from hvcodistill.comm.topology import split_communicators
 
 world = MPI.COMM_WORLD
 rank = world.Get_rank()

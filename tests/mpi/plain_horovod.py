@@ -1,6 +1,6 @@
 """A plain Horovod data-parallel loop, written without hvcodistill's trainer, as the M = 1 reference.
 
-argv: out.pt steps batch_size lr seed. Same data order as documented in hvcodistill/plan.py: one
+argv: out.pt steps batch_size lr seed. Same data order as documented in hvcodistill/data/sharding.py: one
 shared permutation per epoch (seeded seed*1000003+epoch), rank r takes its slice of each block.
 """
 import sys

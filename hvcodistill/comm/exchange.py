@@ -14,8 +14,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hvcodistill.plan import batch_checksum
-from hvcodistill.schedules import itstime
+from hvcodistill.comm.traffic import Traffic
+from hvcodistill.data.sharding import batch_checksum
+from hvcodistill.training.schedules import itstime
 
 
 class BatchMismatchError(RuntimeError):
@@ -27,12 +28,24 @@ class BatchMismatchError(RuntimeError):
 
 
 class Exchange:
-    """No coupling (M = 1 or alpha = 0): the plain all-reduce baseline."""
+    """No coupling (M = 1 or alpha = 0): the plain all-reduce baseline.
 
-    def __init__(self) -> None:
+    `traffic` (shared with the trainer) counts what each exchange sends by link; `peers_by_link`
+    says how many of this rank's peers sit on its node and on other nodes."""
+
+    def __init__(self, traffic: Traffic | None = None, peers_by_link: dict | None = None) -> None:
         self.seconds = 0.0          # wall time inside exchanges
         self.bytes_received = 0     # bytes this rank received from its peers
         self.count = 0
+        self.traffic = traffic if traffic is not None else Traffic()
+        self.peers_by_link = peers_by_link or {}
+
+    def state_dict(self) -> dict:
+        """The counters a checkpoint keeps (teachers are saved by the checkpoint itself)."""
+        return {"seconds": self.seconds, "bytes_received": self.bytes_received, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds, self.bytes_received, self.count = state["seconds"], state["bytes_received"], state["count"]
 
     def teacher_logits(self, *, step: int, x: torch.Tensor, logits: torch.Tensor,
                        alpha: float) -> list[torch.Tensor]:
@@ -46,6 +59,8 @@ class Exchange:
         self.seconds += time.perf_counter() - start
         self.bytes_received += out.nbytes - payload.nbytes
         self.count += 1
+        # each of the M-1 peers receives this rank's payload: on this node or across the network
+        self.traffic.add("exchange", {link: n * payload.nbytes for link, n in self.peers_by_link.items()})
         return out
 
 
@@ -57,8 +72,8 @@ class PredictionExchange(Exchange):
     computed on exchange steps only.
     """
 
-    def __init__(self, peer, model_id: int, every: int, batch_key: Callable[[int], tuple]):
-        super().__init__()
+    def __init__(self, peer, model_id: int, every: int, batch_key: Callable[[int], tuple], **counting):
+        super().__init__(**counting)
         self.peer, self.model_id, self.every, self.batch_key = peer, model_id, every, batch_key
 
     def teacher_logits(self, *, step, x, logits, alpha):
@@ -86,8 +101,8 @@ class WeightExchange(Exchange):
     one extra forward per step, distilled from on every step.
     """
 
-    def __init__(self, peer, model_id: int, every: int, model: torch.nn.Module):
-        super().__init__()
+    def __init__(self, peer, model_id: int, every: int, model: torch.nn.Module, **counting):
+        super().__init__(**counting)
         self.peer, self.model_id, self.every, self.model = peer, model_id, every, model
         self.teachers = []
         for _ in range(peer.Get_size() - 1):
@@ -124,9 +139,11 @@ class WeightExchange(Exchange):
 
 
 def make_exchange(*, mode: str, n_models: int, alpha: float, every: int, peer, model_id: int,
-                  model: torch.nn.Module, batch_key: Callable[[int], tuple]) -> Exchange:
+                  model: torch.nn.Module, batch_key: Callable[[int], tuple], traffic: Traffic | None = None,
+                  peers_by_link: dict | None = None) -> Exchange:
+    counting = {"traffic": traffic, "peers_by_link": peers_by_link}
     if n_models == 1 or alpha == 0:
-        return Exchange()
+        return Exchange(**counting)
     if mode == "predictions":
-        return PredictionExchange(peer, model_id, every, batch_key)
-    return WeightExchange(peer, model_id, every, model)
+        return PredictionExchange(peer, model_id, every, batch_key, **counting)
+    return WeightExchange(peer, model_id, every, model, **counting)

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hvcodistill.comm.traffic import gather_sends
 from hvcodistill.errors import ConfigError
 
 EXIT_PREEMPTED = 75     # EX_TEMPFAIL: the sbatch script turns it into `scontrol requeue`
@@ -93,7 +95,10 @@ def _write(tr, step: int) -> None:
     teachers = getattr(tr.exchange, "teachers", [])
     local = {"buffers": _buffers(tr.model), "teacher_buffers": [_buffers(t) for t in teachers],
              "rng": _rng_state(tr.device), "timer": vars(tr.timer).copy(),
-             "exchange": (tr.exchange.seconds, tr.exchange.bytes_received, tr.exchange.count)}
+             "exchange": tr.exchange.state_dict()}
+    c = tr.comms
+    tr.traffic.add("checkpoint", gather_sends(c.group_ranks[0], c.world_rank, len(pickle.dumps(local)), c.nodes))
+    local["traffic"] = tr.traffic.state_dict()
     # group_comm: the per-rank state of every rank of this model travels to group rank 0.
     ranks = tr.comms.group.gather(local, root=0)
     if tr.comms.group_rank != 0:
@@ -224,5 +229,6 @@ def _apply(tr, state: dict) -> None:
         _load_buffers(teacher, buffers)
     for k, v in mine["timer"].items():
         setattr(tr.timer, k, v)
-    tr.exchange.seconds, tr.exchange.bytes_received, tr.exchange.count = mine["exchange"]
+    tr.exchange.load_state_dict(mine["exchange"])
+    tr.traffic.load_state_dict(mine["traffic"])
     _set_rng_state(mine["rng"], tr.device)

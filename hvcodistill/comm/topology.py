@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hvcodistill.comm.traffic import NodeLayout
 from hvcodistill.errors import ConfigError
 
 
@@ -57,10 +58,21 @@ class Comms:
     topology: Topology
     model_id: int
     group_rank: int
+    nodes: NodeLayout      # which node each world rank runs on, as MPI sees it
 
     @property
     def world_rank(self) -> int:
         return self.world.Get_rank()
+
+    @property
+    def group_ranks(self) -> list[int]:
+        """World ranks of this model's group, in group-rank order (Horovod's ring order)."""
+        return self.topology.group_members(self.model_id)
+
+    @property
+    def peer_ranks(self) -> list[int]:
+        """World ranks of this rank's peers, in model order (this rank included)."""
+        return self.topology.peers(self.group_rank)
 
 
 def split_communicators(world, n_models: int) -> Comms:
@@ -80,4 +92,4 @@ def split_communicators(world, n_models: int) -> Comms:
     # Ranks sharing memory = one node: the node-local rank picks the GPU, found by MPI, not guessed.
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     return Comms(world=world, group=group, peer=peer, local=local, topology=topo,
-                 model_id=model_id, group_rank=group_rank)
+                 model_id=model_id, group_rank=group_rank, nodes=NodeLayout.from_mpi(world, local))

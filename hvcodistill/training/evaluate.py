@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from hvcodistill.comm.traffic import allgather_sends
 from hvcodistill.data import make_loader
 
 
@@ -35,8 +36,10 @@ def predict(model: torch.nn.Module, dataset, indices: torch.Tensor, *, device: t
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model, dataset, comms, *, device, workers: int = 0, autocast=contextlib.nullcontext) -> dict:
-    """val_loss and val_accuracy of this model; ensemble_val_accuracy and disagreement of all models."""
+def evaluate(model, dataset, comms, *, device, workers: int = 0, autocast=contextlib.nullcontext,
+             traffic=None) -> dict:
+    """val_loss and val_accuracy of this model; ensemble_val_accuracy and disagreement of all models.
+    `traffic` (optional) counts the bytes of the peer allgather by link."""
     g, r, m = comms.topology.group_size, comms.group_rank, comms.topology.n_models
     indices = torch.arange(r, len(dataset), g)
     logits, labels = predict(model, dataset, indices, device=device, workers=workers, autocast=autocast)
@@ -45,6 +48,8 @@ def evaluate(model, dataset, comms, *, device, workers: int = 0, autocast=contex
     # peer_comm: every peer evaluated the same shard; gather all models' probabilities for it.
     all_probs = np.empty((m, n, c), dtype=np.float32)
     comms.peer.Allgather(np.ascontiguousarray(probs), all_probs)
+    if traffic is not None:
+        traffic.add("evaluation", allgather_sends(comms.peer_ranks, comms.world_rank, probs.nbytes, comms.nodes))
     preds = all_probs.argmax(-1) if n else np.zeros((m, 0), dtype=np.int64)
     y = labels.numpy()
     counts = np.array([
