@@ -1,11 +1,23 @@
-"""What codistillation costs: step time and bytes moved for one topology, three ways.
+"""When does codistillation pay? Step time and bytes by link of all-reduce and codistillation,
+at the same ranks, on this machine or on an emulated cluster at several link rates.
 
-    make bench                                  (4 ranks, digits MLP)
-    python -m hvcodistill.bench -np 4 --config configs/digits_codistill.yaml train.steps=400
+    make bench                                   (= python -m hvcodistill.bench: 4 ranks, one host)
+    python -m hvcodistill.bench --cluster        (root: 2 emulated nodes x 2 ranks, 4 link rates)
+    python -m hvcodistill.bench --cluster --nodes 4 --rates 100mbit,1gbit --plot bench.png --json bench.json
 
-Runs the same config with (1) alpha = 0 (no exchange: M independent all-reduce runs), (2) prediction
-exchange every step, (3) weight exchange every 50 steps, and prints per-step time of the training
-loop (setup and evaluation excluded), the ratio to (1), and the bytes each moved over peer_comm.
+Variants, all on the same W ranks with the same per-rank batch and updates (configs/bench_mlp_synthetic.yaml:
+an MLP with 4.2 M parameters, 16.8 MB of gradients, so that the network matters):
+  all-reduce (M = 1)           one model on all W ranks: the run a user would otherwise do
+  predictions k=1, k=10        M = 2 models of W/2 ranks exchanging logits every k steps
+  weights k=50                 M = 2, stale weight copies refreshed every 50 steps
+  alpha=0                      M = 2 independent models: nothing crosses between models
+For each: step time of the training loop (set-up and the final evaluation excluded), samples per
+second (all ranks), and bytes per step inside nodes and between nodes (summary.json's
+bytes_per_step.total). With --cluster each variant runs on the emulated cluster
+(hvcodistill/cluster) at each link rate, and the planner's prediction (hvcodistill/plan.py)
+stands beside each measurement; the planner takes its compute time per step and its intra-node
+rate from the alpha=0 run at the first rate (which moves nothing between nodes), so every
+figure it predicts at the other rates and for the other variants is a prediction.
 """
 from __future__ import annotations
 
@@ -14,60 +26,269 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from hvcodistill.errors import ConfigError
 from hvcodistill.launch import mpirun_command
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_codistill.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "bench_mlp_synthetic.yaml"
+DEFAULT_RATES = "100mbit,1gbit,10gbit,none"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: tuple[str, ...]
+    mode: str            # the planner's mode: none | predictions | weights (all-reduce: n_models 1)
+
+
 VARIANTS = (
-    ("alpha=0 (no exchange)", ["codistill.alpha=0"]),
-    ("predictions, k=1", ["codistill.mode=predictions", "codistill.every=1", "codistill.burn_in_steps=0"]),
-    ("weights, k=50", ["codistill.mode=weights", "codistill.every=50", "codistill.burn_in_steps=0"]),
+    Variant("all-reduce (M=1)", ("codistill.n_models=1",), "none"),
+    Variant("predictions k=1", ("codistill.mode=predictions", "codistill.every=1"), "predictions"),
+    Variant("predictions k=10", ("codistill.mode=predictions", "codistill.every=10"), "predictions"),
+    Variant("weights k=50", ("codistill.mode=weights", "codistill.every=50"), "weights"),
+    Variant("alpha=0", ("codistill.alpha=0",), "none"),
 )
+CALIBRATION = "alpha=0"   # the run whose compute time and intra-node all-reduce feed the planner
 
 
-def run_variant(np: int, config: str, overrides: list[str], run_dir: Path) -> dict:
-    cmd, env = mpirun_command(np, [sys.executable, "-m", "hvcodistill.train", "--config", config,
-                                   *overrides, f"run.dir={run_dir}", "train.progress=false",
-                                   "train.eval_every=0"])
+def run_variant(launch, np: int, config: str, overrides: list[str], run_dir: Path) -> dict:
+    """One training run under `launch(np, command) -> (argv, env)`; its summary.json."""
+    cmd, env = launch(np, [sys.executable, "-m", "hvcodistill.train", "--config", config, *overrides,
+                           f"run.dir={run_dir}", "train.progress=false", "train.eval_every=0",
+                           "codistill.burn_in_steps=0", "run.checkpoint_every=0"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"bench: run with {' '.join(overrides)} exited {proc.returncode}")
-    return json.loads((run_dir / "summary.json").read_text())
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("hvcodistill")]
+        raise SystemExit(f"bench: run with {' '.join(overrides)} exited {proc.returncode}: "
+                         f"{lines[-1] if lines else proc.stderr[-2000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    summary["batch_size_per_rank"] = resolved["train"]["batch_size"]
+    return summary
+
+
+def measure(launch, np: int, config: str, common: list[str], repeat: int, tmp: Path, label: str,
+            log=print) -> dict:
+    """{variant name: the median run's summary (by step time) of `repeat` runs}."""
+    out = {}
+    for v in VARIANTS:
+        runs = []
+        for r in range(repeat):
+            t0 = time.perf_counter()
+            s = run_variant(launch, np, config, [*common, *v.overrides], tmp / f"{label}-{len(out)}-{r}")
+            runs.append(s)
+            log(f"bench: {label} {v.name}: {s['timing']['step_s'] * 1e3:.1f} ms/step "
+                f"(run {r + 1}/{repeat}, {time.perf_counter() - t0:.0f}s)")
+        out[v.name] = sorted(runs, key=lambda s: s["timing"]["step_s"])[len(runs) // 2]
+    return out
+
+
+# ----------------------------------------------------------------------------- the planner
+def planner_inputs(config: str, common: list[str], calibration: dict) -> dict:
+    """What the planner needs that a run measures or the config says: the model's size, the batch,
+    the classes, the compute time per step and the intra-node rate (both from `calibration`)."""
+    from hvcodistill.config import load_config
+    from hvcodistill.plan import BYTES_PER_GBIT, model_size
+
+    cfg = load_config(config, common)
+    d = cfg.data
+    if d.name != "synthetic":
+        raise ConfigError("bench --cluster predicts with the planner for data.name=synthetic configs only")
+    size = model_size(cfg.model.name, input_shape=d.synthetic_shape, num_classes=d.synthetic_classes,
+                      hidden=cfg.model.hidden)
+    steps = calibration["steps"]
+    g = calibration["topology"]["group_size"]
+    allreduce_per_step = calibration["timing"]["allreduce_s"] / steps
+    # ring inside one node: 2 (G-1) transfers of S/G; solved for the rate that took this long
+    moved = 2 * (g - 1) * 4 * size.params / g
+    intra_gbps = moved / max(allreduce_per_step, 1e-9) / BYTES_PER_GBIT if g > 1 else 1e3
+    return {"size": size, "batch": cfg.train.batch_size, "classes": d.synthetic_classes,
+            "compute_s": calibration["timing"]["compute_s"] / steps, "intra_gbps": intra_gbps}
+
+
+def predict(inputs: dict, summary: dict, variant: Variant, rate_bits: int | None, slots: int):
+    """The planner's step time for this measured run, or None on an unshaped link (no rate)."""
+    from hvcodistill.plan import Cluster, Workload, predict as plan
+
+    if rate_bits is None:
+        return None
+    t = summary["topology"]
+    cluster = Cluster(gpus=t["world_size"], gpus_per_node=slots, intra_gbps=inputs["intra_gbps"],
+                      inter_gbps=rate_bits / 1e9, intra_latency_us=5.0, inter_latency_us=50.0)
+    workload = Workload(params=inputs["size"].params, batch=inputs["batch"], classes=inputs["classes"],
+                        n_models=t["n_models"], mode=variant.mode if t["n_models"] > 1 else "none",
+                        every=summary["every"], compute_s=inputs["compute_s"],
+                        state_bytes=inputs["size"].state_bytes)
+    return plan(cluster, workload).step_s
+
+
+# ----------------------------------------------------------------------------- output
+def rows_for(measured: dict, rate: str, predictions: dict | None = None) -> list[dict]:
+    rows = []
+    for v in VARIANTS:
+        s = measured[v.name]
+        t, per = s["topology"], s["bytes_per_step"]["total"]
+        step = s["timing"]["step_s"]
+        batch = s.get("batch_size_per_rank")
+        rows.append({"rate": rate, "variant": v.name, "step_ms": step * 1e3,
+                     "samples_per_s": t["world_size"] * batch / step if batch else None,
+                     "intra_node_MB_per_step": per["intra_node"] / 1e6,
+                     "inter_node_MB_per_step": per["inter_node"] / 1e6,
+                     "predicted_step_ms": (predictions or {}).get(v.name),
+                     "nodes": s["nodes"]["count"], "world_size": t["world_size"]})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    head = (f"{'link':<9}{'variant':<19}{'step ms':>9}{'planner ms':>11}{'error':>7}{'samples/s':>11}"
+            f"{'intra MB/step':>15}{'inter MB/step':>15}")
+    lines = [head]
+    for r in rows:
+        pred = r["predicted_step_ms"]
+        err = f"{(pred - r['step_ms']) / r['step_ms'] * 100:+.0f}%" if pred else "-"
+        sps = f"{r['samples_per_s']:.0f}" if r["samples_per_s"] else "-"
+        lines.append(f"{r['rate']:<9}{r['variant']:<19}{r['step_ms']:>9.1f}"
+                     f"{(f'{pred:.1f}' if pred else '-'):>11}{err:>7}{sps:>11}"
+                     f"{r['intra_node_MB_per_step']:>15.3f}{r['inter_node_MB_per_step']:>15.3f}")
+    return "\n".join(lines)
+
+
+def crossovers(rows: list[dict], rates: list[str]) -> list[str]:
+    """For each codistillation variant: at which measured rates it beats all-reduce."""
+    by = {(r["rate"], r["variant"]): r["step_ms"] for r in rows}
+    out = []
+    for v in VARIANTS[1:]:
+        faster = [rate for rate in rates if by[(rate, v.name)] < by[(rate, VARIANTS[0].name)]]
+        ratio = ", ".join(f"{rate} {by[(rate, VARIANTS[0].name)] / by[(rate, v.name)]:.2f}x" for rate in rates)
+        out.append(f"{v.name:<19} faster than all-reduce at: {', '.join(faster) or 'no rate measured'}"
+                   f"  (all-reduce / this: {ratio})")
+    return out
+
+
+def plot(rows: list[dict], rates: list[str], path: Path, title: str) -> None:
+    """Step time against link rate, one line per variant; the planner's predictions dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs = list(range(len(rates)))
+    for i, v in enumerate(VARIANTS):
+        color = f"C{i}"
+        measured = [next(r["step_ms"] for r in rows if r["rate"] == rate and r["variant"] == v.name)
+                    for rate in rates]
+        ax.plot(xs, measured, "o-", color=color, label=v.name)
+        pred = [(x, r["predicted_step_ms"]) for x, rate in zip(xs, rates) for r in rows
+                if r["rate"] == rate and r["variant"] == v.name and r["predicted_step_ms"]]
+        if pred:
+            ax.plot(*zip(*pred), "x--", color=color, alpha=0.6)
+    ax.set_xticks(xs, [("unshaped" if r in ("none", "unshaped") else r.replace("bit", "bit/s")) for r in rates])
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate between nodes (each direction)")
+    ax.set_ylabel("step time, ms (log)")
+    ax.set_title(title, fontsize=10)
+    ax.plot([], [], "kx--", alpha=0.6, label="planner's prediction")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m hvcodistill.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-np", type=int, default=4, help="ranks (default 4)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--steps", type=int, default=100, help="updates per run (default 100)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs per variant, the median shown (default 3 on one host, 1 with --cluster)")
+    p.add_argument("--cluster", action="store_true", help="run on an emulated cluster (root)")
+    p.add_argument("--nodes", type=int, default=2, help="emulated nodes (default 2); ranks per node = np / nodes")
+    p.add_argument("--rates", default=DEFAULT_RATES, help=f"link rates, comma-separated (default {DEFAULT_RATES})")
+    p.add_argument("--plot", help="write the step-time plot (PNG) here (--cluster)")
+    p.add_argument("--json", help="write every row as JSON here")
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="applied to every variant")
+    args = p.parse_args(argv)
+    if args.np < 2 or args.np % 2:
+        p.error("-np must be an even number >= 2 (codistillation runs 2 models on the same ranks)")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.cluster and (args.nodes < 2 or args.np % args.nodes):
+        p.error(f"--nodes must be >= 2 and divide -np={args.np}")
+    if not Path(args.config).is_file():
+        p.error(f"--config {args.config} not found")
+    return args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hvcodistill.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-np", type=int, default=4)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--repeat", type=int, default=3, help="runs per variant; the median is shown")
-    p.add_argument("overrides", nargs="*", metavar="dotted.key=value",
-                   help="applied to every variant (default: train.steps=400 train.epochs=0)")
-    args = p.parse_args(argv)
-    common = args.overrides or ["train.epochs=0", "train.steps=400"]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="hvcodistill-bench-") as tmp:
-        for i, (name, variant) in enumerate(VARIANTS):
-            # the run with the median step time of --repeat runs: one noisy run says little
-            runs = sorted((run_variant(args.np, args.config, [*common, *variant], Path(tmp) / f"{i}-{r}")
-                           for r in range(args.repeat)), key=lambda s: s["timing"]["step_s"])
-            rows.append((name, runs[len(runs) // 2]))
-    base = rows[0][1]["timing"]["step_s"]
-    t = rows[0][1]["topology"]
-    print(f"topology: W={t['world_size']} M={t['n_models']} G={t['group_size']}; "
-          f"{rows[0][1]['steps']} steps, median of {args.repeat} runs; config {args.config} {' '.join(common)}")
-    print(f"{'variant':<24}{'step ms':>10}{'x alpha=0':>11}{'exchange ms/step':>18}"
-          f"{'exchanges':>11}{'bytes/exchange/rank':>21}{'MB total':>10}")
-    for name, s in rows:
-        tm = s["timing"]
-        per = s["exchanged_bytes"] / s["exchanges"] / t["world_size"] if s["exchanges"] else 0
-        print(f"{name:<24}{tm['step_s'] * 1e3:>10.3f}{tm['step_s'] / base:>11.2f}"
-              f"{tm['exchange_s'] / s['steps'] * 1e3:>18.3f}{s['exchanges']:>11}{per:>21.0f}"
-              f"{s['exchanged_bytes'] / 1e6:>10.2f}")
-    print(f"(bytes/exchange/rank: what one rank receives from its {t['n_models'] - 1} peer(s) per exchange)")
+    args = parse_args(argv)
+    common = [f"train.steps={args.steps}", "train.epochs=0", *args.overrides]
+    try:
+        from hvcodistill.config import load_config
+        load_config(args.config, common)           # bad overrides: one line now, not after 4 ranks start
+        if args.cluster:
+            rows, rates, title = bench_cluster(args, common)
+        else:
+            rows, rates, title = bench_local(args, common)
+    except ConfigError as e:
+        print(f"hvcodistill.bench: error: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{title}")
+    print(render(rows))
+    print()
+    print("\n".join(crossovers(rows, rates)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"title": title, "rates": rates, "rows": rows}, indent=1) + "\n")
+    if args.plot and args.cluster:
+        plot(rows, rates, Path(args.plot), title)
+        print(f"plot: {args.plot}")
     return 0
+
+
+def bench_local(args, common):
+    repeat = args.repeat or 3
+    with tempfile.TemporaryDirectory(prefix="hvcodistill-bench-") as tmp:
+        measured = measure(mpirun_command, args.np, args.config, common, repeat, Path(tmp), "local",
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
+    title = (f"one host, {args.np} ranks; {Path(args.config).name}, {args.steps} steps; "
+             f"median of {repeat} run(s)")
+    return rows_for(measured, "local"), ["local"], title
+
+
+def bench_cluster(args, common):
+    from hvcodistill.cluster import EmulatedCluster, cluster_unavailable, parse_rate
+
+    reason = cluster_unavailable()
+    if reason:
+        raise ConfigError(f"--cluster: {reason}")
+    rates = [r.strip() for r in args.rates.split(",") if r.strip()]
+    bits = {r: parse_rate(r) for r in rates}                     # bad rates fail here, before any run
+    repeat, slots = args.repeat or 1, args.np // args.nodes
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hvcodistill-bench-") as tmp, \
+            EmulatedCluster(args.nodes, name="bench") as cluster:
+        launch = lambda np, command: cluster.mpirun_command(np, command, slots=slots)  # noqa: E731
+        inputs = None
+        for rate in rates:
+            cluster.shape(None if bits[rate] is None else rate)
+            measured = measure(launch, args.np, args.config, common, repeat, Path(tmp), rate,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+            if inputs is None:
+                inputs = planner_inputs(args.config, common, measured[CALIBRATION])
+            predictions = {v.name: (lambda p: p * 1e3 if p is not None else None)(
+                predict(inputs, measured[v.name], v, bits[rate], slots)) for v in VARIANTS}
+            rows += rows_for(measured, rate, predictions)
+    title = (f"emulated cluster: {args.nodes} nodes x {slots} ranks, {Path(args.config).name}, "
+             f"{args.steps} steps, median of {repeat} run(s)")
+    return rows, rates, title
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
+import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from hvcodistill.cluster import EmulatedCluster, cluster_unavailable
 from hvcodistill.launch import mpirun_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,3 +27,36 @@ def run_ranks(np: int, args: list[str], *, timeout: float = 300, cwd: Path | Non
 @pytest.fixture
 def ranks():
     return run_ranks
+
+
+# ---------------------------------------------------------------- the emulated cluster (root only)
+UNAVAILABLE = cluster_unavailable()
+needs_cluster = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+_names = itertools.count()
+
+
+def unique_name() -> str:
+    return f"t{os.getpid()}{next(_names)}"
+
+
+def our_namespaces(name: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"hvc_{name}_")]
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    """Build clusters with unique names in a private state dir; take every one down afterwards."""
+    made = []
+
+    def make(nodes=2, **kw):
+        c = EmulatedCluster(nodes, name=unique_name(), state_dir=tmp_path / "state", **kw)
+        made.append(c)
+        return c.up()
+
+    yield make
+    for c in made:
+        c.down(quiet=True)
+        assert our_namespaces(c.name) == [], f"namespaces of {c.name} left behind"
+
+

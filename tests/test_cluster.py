@@ -14,36 +14,7 @@ import pytest
 from hvcodistill import cluster as C
 from hvcodistill.cluster import EmulatedCluster, parse_delay, parse_rate, qdisc_commands, tbf_burst
 from hvcodistill.errors import ConfigError
-from tests.conftest import MPI_DIR, ROOT
-
-UNAVAILABLE = C.cluster_unavailable()
-needs_cluster = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
-_names = itertools.count()
-
-
-def unique_name() -> str:
-    return f"t{os.getpid()}{next(_names)}"
-
-
-def our_namespaces(name: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(f"hvc_{name}_")]
-
-
-@pytest.fixture
-def make_cluster(tmp_path):
-    """Build clusters with unique names in a private state dir; take every one down afterwards."""
-    made = []
-
-    def make(nodes=2, **kw):
-        c = EmulatedCluster(nodes, name=unique_name(), state_dir=tmp_path / "state", **kw)
-        made.append(c)
-        return c.up()
-
-    yield make
-    for c in made:
-        c.down(quiet=True)
-        assert our_namespaces(c.name) == [], f"namespaces of {c.name} left behind"
+from tests.conftest import MPI_DIR, ROOT, UNAVAILABLE, needs_cluster, our_namespaces, unique_name
 
 
 def cli(*args, user=None) -> subprocess.CompletedProcess:
