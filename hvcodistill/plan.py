@@ -367,6 +367,13 @@ class Inputs:
     cluster: Cluster                 # gpus = the first of `gpus`
     model: str
     compute_note: str
+    gpus_per_model: Optional[int] = None   # G fixed (M = W / G per world size) instead of M fixed
+
+    def workload_for(self, gpus: int) -> Workload:
+        """The workload at world size `gpus`: M from --models, or W / G with --gpus-per-model."""
+        if self.gpus_per_model:
+            return replace(self.workload, n_models=max(1, gpus // self.gpus_per_model))
+        return self.workload
 
 
 def resolve(args: argparse.Namespace) -> Inputs:
@@ -423,9 +430,16 @@ def resolve(args: argparse.Namespace) -> Inputs:
     cluster = Cluster(gpus[0], args.gpus_per_node, args.intra_gbps, args.inter_gbps,
                       args.intra_latency_us, args.inter_latency_us)
     workload = replace(workload, compute_s=compute_s)
+    if args.gpus_per_model is not None:
+        if args.models is not None:
+            raise ConfigError("give --models M or --gpus-per-model G, not both")
+        bad = [w for w in gpus if args.gpus_per_model < 1 or w % args.gpus_per_model]
+        if bad:
+            raise ConfigError(f"--gpus-per-model {args.gpus_per_model} must divide every world size (not {bad[0]})")
+    inputs = Inputs(workload, gpus, cluster, model, note, args.gpus_per_model)
     for w in gpus:              # every world size is checked before anything is printed
-        validate(replace(cluster, gpus=w), workload)
-    return Inputs(workload, gpus, cluster, model, note)
+        validate(replace(cluster, gpus=w), inputs.workload_for(w))
+    return inputs
 
 
 # ----------------------------------------------------------------------------- output
@@ -460,7 +474,8 @@ def header(inputs: Inputs) -> list[str]:
         f"{c.intra_latency_us:g} us; inter-node {c.inter_gbps:g} Gbit/s per node, {c.inter_latency_us:g} us; "
         f"{w.algorithm} all-reduce",
         f"compute: {w.compute_s * 1e3:.3g} ms per step per GPU ({inputs.compute_note})",
-        f"codistillation: {w.n_models} models, {what}, every {w.every} step(s)",
+        f"codistillation: {f'G = {inputs.gpus_per_model} GPUs per model (M = W / G)' if inputs.gpus_per_model else f'{w.n_models} models'}, "
+        f"{what}, every {w.every} step(s)",
         "model of time and bytes: python -m hvcodistill.plan --help",
     ]
 
@@ -498,6 +513,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--gpus-list", help="W1,W2,...: one row pair per world size")
     p.add_argument("--gpus-per-node", type=int, default=8, help="L (default 8)")
     p.add_argument("--models", type=int, help="M (default 2, or the config's)")
+    p.add_argument("--gpus-per-model", type=int,
+                   help="G: fix each model's GPUs instead of M (M = W / G for every world size)")
     p.add_argument("--model", help="model.name from the registry (mlp, cnn, resnet18_cifar, resnet50, ...)")
     p.add_argument("--params", type=int, help="trainable parameters, instead of --model (wins over it)")
     p.add_argument("--hidden", help="the MLP's hidden sizes, e.g. 128,64")
@@ -530,7 +547,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         inputs = resolve(args)
-        comparisons = [compare(replace(inputs.cluster, gpus=w), inputs.workload) for w in inputs.gpus]
+        comparisons = [compare(replace(inputs.cluster, gpus=w), inputs.workload_for(w)) for w in inputs.gpus]
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

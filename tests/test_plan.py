@@ -145,6 +145,7 @@ def plan(*args: str) -> subprocess.CompletedProcess:
     (["--gpus", "16", "--params", "1000", "--classes", "10", "--compute-from", "/nonexistent/summary.json"],
      "--compute-from"),
     (["--gpus", "sixteen"], "--gpus"),
+    (["--gpus", "16", "--gpus-per-model", "3", "--params", "1000", "--classes", "10"], "--gpus-per-model 3"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, says):
     proc = plan(*args)
@@ -170,3 +171,16 @@ def test_cli_json_and_table(tmp_path):
     text = plan("--config", "configs/imagenet_resnet50_codistill.yaml", "--gpus", "16", "--compute-ms", "20")
     assert text.returncode == 0, text.stderr
     assert "25,557,032" in text.stdout and "codistillation" in text.stdout and "every 2500" in text.stdout
+
+
+def test_cli_gpus_per_model_keeps_every_model_inside_a_node():
+    """--gpus-per-model 8 on nodes of 8: M = W / 8, so no gradient byte crosses a node and only the
+    exchange does (M - 1 payloads per rank every k steps)."""
+    proc = plan("--params", "1000000", "--classes", "10", "--batch", "32", "--gpus-list", "16,64",
+                "--gpus-per-model", "8", "--every", "10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    for row, w in zip(json.loads(proc.stdout)["rows"], (16, 64)):
+        codist = row["codistillation"]
+        assert codist["n_models"] == w // 8 and codist["group_size"] == 8
+        assert codist["allreduce_bytes"]["inter_node"] == 0
+        assert codist["exchange_bytes"]["inter_node"] == pytest.approx(w * (w // 8 - 1) * (32 * 10 * 4 + 8) / 10)
