@@ -42,6 +42,8 @@ command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 command -v mpicc >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+# optional: ip and tc (iproute2) build the emulated cluster (bench --cluster, its tests as root)
+PATH=$PATH:/usr/sbin:/sbin command -v tc >/dev/null 2>&1 || [[ $(id -u) != 0 ]] || need_apt+=(iproute2)
 if ((${#need_apt[@]})); then
   if [[ ${HVCODISTILL_SKIP_APT:-0} != 1 ]] && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     say "installing ${need_apt[*]} with apt-get"
