@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 READY   := .venv/.hvcodistill-ready
 NP      ?= 4
 
-.PHONY: setup demo test test-unit bench lint clean
+.PHONY: setup demo test test-unit bench study lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -24,6 +24,12 @@ test-unit: $(READY)
 
 bench: $(READY)
 	$(PY) -m hvcodistill.bench -np $(NP)
+
+# A study, then its report (also of a partial study); run again to continue. STUDY=studies/tiny.yaml
+STUDY   ?= studies/paper_miniature.yaml
+study: $(READY)
+	$(PY) -m hvcodistill.sweep $(STUDY); status=$$?; \
+	$(PY) -m hvcodistill.report runs/studies/$(basename $(notdir $(STUDY))) && exit $$status
 
 clean:
 	rm -rf runs .pytest_cache

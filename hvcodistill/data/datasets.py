@@ -19,13 +19,19 @@ from torch.utils.data import Dataset
 
 from hvcodistill.errors import ConfigError
 
-DATA_NAMES = ("digits", "synthetic", "npz", "cifar10", "imagenet")
+DATA_NAMES = ("digits", "mnist1d", "synthetic", "npz", "cifar10", "imagenet")
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
 SYNTHETIC_DEFAULTS: dict[str, Any] = {"shape": [3, 32, 32], "num_classes": 10, "train_size": 1024, "val_size": 256}
 DIGITS_VAL_SIZE = 360
+# The canonical MNIST-1D (mnist1d's get_dataset_args(), less its download url): 5000 signals,
+# 80% train. Fixed here, so a later package with other defaults cannot change the set silently.
+MNIST1D_ARGS: dict[str, Any] = {
+    "num_samples": 5000, "train_split": 0.8, "template_len": 12, "padding": [36, 60], "scale_coeff": 0.4,
+    "max_translation": 48, "corr_noise_scale": 0.25, "iid_noise_scale": 2e-2, "shear_scale": 0.75,
+    "shuffle_seq": False, "final_seq_length": 40, "seed": 42}
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -142,6 +148,8 @@ def build_datasets(name: str, *, path: str = "", seed: int = 0, augment: bool = 
     (the others are in-memory or synthetic and are never augmented)."""
     if name == "digits":
         return _digits()
+    if name == "mnist1d":
+        return _mnist1d(path)
     if name == "synthetic":
         return _synthetic(synthetic or {}, seed)
     if name == "npz":
@@ -173,6 +181,60 @@ def _digits() -> DataSpec:
     # Standardise in float64 with train statistics only, then cast: identical on every machine.
     x = ((x - x[:n_train].mean()) / x[:n_train].std()).astype(np.float32)
     return _tensor_spec(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+def _mnist1d(cache_dir: str) -> DataSpec:
+    """MNIST-1D (Greydanus 2020), the canonical 4000 train / 1000 validation signals of length 40,
+    generated offline by the `mnist1d` package (its own loader would download a pickle: not used).
+    The set is fixed (the package's seed 42), independent of the run seed. Not saturated: an MLP
+    reaches ~70-75% (it overfits the 4000 signals). Generating takes a few seconds; the arrays are
+    cached in `cache_dir` (data.path; default $HVCODISTILL_CACHE or ~/.cache/hvcodistill) keyed by the generator's
+    arguments and version, written once under a lock, temp file + rename, so ranks starting
+    together neither regenerate nor read a half-written file."""
+    import fcntl
+    import hashlib
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        key = json.dumps({**MNIST1D_ARGS, "version": version("mnist1d")}, sort_keys=True)
+    except PackageNotFoundError:
+        raise ConfigError("data.name=mnist1d needs the mnist1d package: pip install mnist1d") from None
+    folder = cache_dir or os.environ.get("HVCODISTILL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hvcodistill")
+    path = os.path.join(folder, f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)           # one rank generates, the others wait and read
+            if not os.path.exists(path):
+                data = _generate_mnist1d()
+                tmp = f"{path}.tmp{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    np.savez(f, x_train=data["x"], y_train=data["y"], x_val=data["x_test"], y_val=data["y_test"])
+                os.replace(tmp, path)
+            with np.load(path) as archive:
+                arrays = {k: archive[k] for k in NPZ_KEYS}
+    except OSError as e:
+        raise ConfigError(f"data.path: cannot keep the mnist1d cache in {folder!r}: {e}") from None
+    # (N, 40) -> (N, 1, 40): one channel of length 40
+    return _tensor_spec(arrays["x_train"][:, None].astype(np.float32), arrays["y_train"].astype(np.int64),
+                        arrays["x_val"][:, None].astype(np.float32), arrays["y_val"].astype(np.int64))
+
+
+def _generate_mnist1d() -> dict:
+    import random
+
+    from mnist1d.data import make_dataset        # imports scipy and matplotlib: only when generating
+    from mnist1d.utils import ObjectView
+
+    # make_dataset reseeds the global numpy and random generators: give the caller its own back
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        return make_dataset(ObjectView({k: list(v) if isinstance(v, list) else v for k, v in MNIST1D_ARGS.items()}))
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
