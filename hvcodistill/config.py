@@ -24,13 +24,23 @@ class CodistillConfig:
     alpha: float = 1.0                 # weight of the distillation term; 0 turns codistillation off
     distance: str = "kl"               # kl | ce | mse
     temperature: float = 1.0           # softmax temperature for kl / ce
-    burn_in_steps: int = 0             # alpha is 0 before this step
+    # alpha is 0 before this step. null: 0 in predictions mode; k in weights mode, whose first
+    # refresh is then taken at step k, so the first teachers are the peers after one interval of
+    # training, never their random initial weights (weights mode distils from burn_in + refresh_delay on)
+    burn_in_steps: Optional[int] = None
+    # weights mode: a refresh taken at step t is installed at step t + refresh_delay, its transfer
+    # hidden behind the steps in between; 0 <= d < k, 0 blocks (installed in the step it is taken).
+    # null: min(10, k // 2)
+    refresh_delay: Optional[int] = None
+    # predictions mode: the dtype logits travel in. fp32 exact; fp16 | bf16 half the bytes (the
+    # received logits are the peer's rounded to that dtype, widened back to fp32 for the loss)
+    payload_dtype: str = "fp32"
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"               # digits | synthetic | npz | cifar10 | imagenet
-    path: str = ""                     # .npz file, CIFAR-10 folder or ImageFolder root
+    name: str = "digits"               # digits | mnist1d | synthetic | npz | cifar10 | imagenet
+    path: str = ""                     # .npz file, CIFAR-10 folder or ImageFolder root (mnist1d: cache folder)
     order: str = "shared"              # shared: peers see identical batches | disjoint: different ones
     augment: bool = False              # random crops/flips (cifar10, imagenet)
     workers: int = 0                   # DataLoader worker processes per rank
@@ -82,6 +92,9 @@ class RunConfig:
     checkpoint_every: int = 0          # steps between checkpoints; 0: only on preemption and at the end
     keep_checkpoints: int = 3          # retention per model
     resume: bool = True                # continue from the newest complete checkpoint in run.dir
+    # steps between the ranks' agreements on a SIGUSR1/SIGTERM (a stop comes within two of them);
+    # 0: about every 0.1 s of training, from the step time the ranks agree on
+    preempt_check_every: int = 0
 
 
 @dataclass
@@ -100,7 +113,8 @@ class Config:
 CHOICES = {
     "codistill.mode": ("predictions", "weights"),
     "codistill.distance": ("kl", "ce", "mse"),
-    "data.name": ("digits", "synthetic", "npz", "cifar10", "imagenet"),
+    "codistill.payload_dtype": ("fp32", "fp16", "bf16"),
+    "data.name": ("digits", "mnist1d", "synthetic", "npz", "cifar10", "imagenet"),
     "data.order": ("shared", "disjoint"),
     "model.name": ("mlp", "cnn", "resnet18_cifar", "resnet50", "resnext101_32x8d"),
     "optim.name": ("sgd", "adamw"),
@@ -206,6 +220,7 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(choices)}")
     c, t, o = cfg.codistill, cfg.train, cfg.optim
+    resolve_codistill_defaults(c)
     positive = {"codistill.every": c.every, "train.batch_size": t.batch_size,
                 "train.log_every": t.log_every, "run.keep_checkpoints": cfg.run.keep_checkpoints}
     for key, value in positive.items():
@@ -214,7 +229,8 @@ def validate(cfg: Config) -> None:
     non_negative = {"codistill.alpha": c.alpha, "codistill.burn_in_steps": c.burn_in_steps,
                     "train.steps": t.steps, "train.epochs": t.epochs, "train.eval_every": t.eval_every,
                     "optim.warmup": o.warmup, "optim.weight_decay": o.weight_decay,
-                    "data.workers": cfg.data.workers, "run.checkpoint_every": cfg.run.checkpoint_every}
+                    "data.workers": cfg.data.workers, "run.checkpoint_every": cfg.run.checkpoint_every,
+                    "run.preempt_check_every": cfg.run.preempt_check_every}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {value}")
@@ -224,6 +240,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key optim.lr_gamma must be > 0, got {o.lr_gamma}")
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in o.wd_values):
         raise ConfigError(f"config key optim.wd_values must be non-negative numbers, got {o.wd_values}")
+    if c.refresh_delay is not None and c.refresh_delay < 0:
+        raise ConfigError(f"config key codistill.refresh_delay must be >= 0, got {c.refresh_delay}")
+    if c.mode == "weights" and c.refresh_delay >= c.every:
+        raise ConfigError(f"config key codistill.refresh_delay must be < codistill.every={c.every} (a refresh is "
+                          f"installed before the next one is taken), got {c.refresh_delay}")
     if c.temperature <= 0:
         raise ConfigError(f"config key codistill.temperature must be > 0, got {c.temperature}")
     if o.lr is not None and o.lr <= 0:
@@ -239,6 +260,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key} must be an increasing list of non-negative numbers")
     if any(not isinstance(h, int) or h < 1 for h in cfg.model.hidden):
         raise ConfigError(f"config key model.hidden must be a list of positive integers, got {cfg.model.hidden}")
+
+
+def resolve_codistill_defaults(c: CodistillConfig) -> None:
+    """Fill the keys whose default depends on the mode (null in the file): the resolved config
+    written to the run directory says what the run used."""
+    if c.burn_in_steps is None:
+        c.burn_in_steps = c.every if c.mode == "weights" else 0
+    if c.refresh_delay is None and c.mode == "weights":
+        c.refresh_delay = min(10, c.every // 2)
 
 
 def save_config(cfg: Config, path: Path) -> None:

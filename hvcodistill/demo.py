@@ -43,8 +43,11 @@ def main(argv=None) -> int:
     print(f"  ensemble: val accuracy {s['ensemble_val_accuracy']:.4f}")
     print(f"  disagreement: {s['disagreement']:.4f} of validation samples")
     tm = s["timing"]
-    print(f"  per rank: compute {tm['compute_s']:.2f}s, all-reduce wait {tm['allreduce_s']:.2f}s, "
-          f"exchange {tm['exchange_s']:.2f}s; {s['exchanged_bytes'] / 1e6:.2f} MB exchanged")
+    print(f"  per rank, training loop {tm['loop_s']:.2f}s: compute {tm['compute_s']:.2f}s, "
+          f"all-reduce wait {tm['allreduce_s']:.2f}s, exchange {tm['exchange_s']:.2f}s, "
+          f"evaluation {tm['eval_s']:.2f}s, checkpoints {tm['checkpoint_s']:.2f}s, "
+          f"data {tm['data_s']:.2f}s, other {tm['other_s']:.2f}s")
+    print(f"  exchanged: {s['exchanged_bytes'] / 1e6:.2f} MB")
     tensorboard = os.path.relpath(Path(sys.executable).parent / "tensorboard")
     print(f"\nlook at the run:  {tensorboard} --logdir {args.run_dir}/tb")
     return 0

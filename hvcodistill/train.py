@@ -31,10 +31,51 @@ from hvcodistill.training.schedules import LRSchedule, WDSchedule, build_schedul
 
 @dataclass
 class Timer:
-    compute_s: float = 0.0
-    allreduce_s: float = 0.0
-    loop_s: float = 0.0
-    wall_s: float = 0.0       # the whole run's wall time up to the last checkpoint, all segments
+    """Where this rank's training-loop time went, all segments of a resumed run added up.
+
+    The loop is timed in laps: each lap's time goes to one part, less the waits timed inside it
+    (the all-reduce wait by train_step, the exchange by the exchange's own `seconds`), which go
+    to theirs. So the parts add up to loop_s exactly (up to float rounding). On a GPU, kernels
+    run asynchronously: time lands where the host waits for them (the exchange synchronises the
+    device around itself, see Exchange._timed; the all-reduce wait includes the backward still
+    running when Horovod is asked for the gradients).
+    """
+    compute_s: float = 0.0      # forward, loss, backward, lr/wd and optimiser update (train_step less the waits)
+    allreduce_s: float = 0.0    # waiting for Horovod's gradient all-reduce over group_comm
+    exchange_s: float = 0.0     # peer exchanges, staging to and from the host included
+    eval_s: float = 0.0         # validations inside the loop (train.eval_every)
+    checkpoint_s: float = 0.0   # checkpoints inside the loop: gather, serialise, write, fsync, barrier
+    data_s: float = 0.0         # waiting for the next batch from the loader, and its copy to the device
+    other_s: float = 0.0        # the rest: schedules, metrics and logging, progress, preemption checks
+    loop_s: float = 0.0         # the training loop, first batch requested to last update done
+    wall_s: float = 0.0         # the whole run's wall time up to the last checkpoint, all segments
+
+    PARTS = ("compute_s", "allreduce_s", "exchange_s", "eval_s", "checkpoint_s", "data_s", "other_s")
+
+    def start(self, exchange) -> None:
+        """Laps count from now; `exchange.seconds` is the exchange's running time."""
+        self._exchange = exchange
+        self._mark, self._waits = time.perf_counter(), (self.allreduce_s, exchange.seconds)
+
+    def lap(self, part: str) -> None:
+        """The time since the last lap goes to `part`, less the waits timed inside it."""
+        now, allreduce, exchange = time.perf_counter(), self.allreduce_s, self._exchange.seconds
+        exchanged = exchange - self._waits[1]
+        self.exchange_s += exchanged
+        self.__dict__[part] += now - self._mark - (allreduce - self._waits[0]) - exchanged
+        self.loop_s += now - self._mark
+        self._mark, self._waits = now, (allreduce, exchange)
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in (*self.PARTS, "loop_s", "wall_s")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in (*self.PARTS, "loop_s", "wall_s"):
+            setattr(self, name, float(state.get(name, 0.0)))
+        if "exchange_s" not in state:
+            # a checkpoint from before the parts: compute_s then was loop_s less the two waits,
+            # so the exchange time is what is left (its evaluation and I/O stay in compute_s)
+            self.exchange_s = self.loop_s - self.compute_s - self.allreduce_s
 
 
 @dataclass
@@ -204,7 +245,10 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
     exchange = make_exchange(mode=c.mode, n_models=topo.n_models, alpha=c.alpha, every=c.every,
                              peer=comms.peer, model_id=comms.model_id, model=model, batch_key=plan.key,
                              traffic=traffic,
-                             peers_by_link=allgather_sends(comms.peer_ranks, comms.world_rank, 1, comms.nodes))
+                             peers_by_link=allgather_sends(comms.peer_ranks, comms.world_rank, 1, comms.nodes),
+                             group=comms.group, group_by_link=allgather_sends(comms.group_ranks, comms.world_rank, 1, comms.nodes),
+                             burn_in_steps=c.burn_in_steps, refresh_delay=c.refresh_delay,
+                             payload_dtype=c.payload_dtype)
 
     run_dir = Path(cfg.run.dir)      # made by world rank 0 in prepare(), before the agreement
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
@@ -247,63 +291,93 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
 
 
 def train(tr: Trainer, guard) -> None:
-    """The loop: lr/wd -> step (exchange inside) -> log -> evaluate -> checkpoint -> stop?"""
-    from hvcodistill.training import checkpoint
+    """The loop: batch -> lr/wd -> step (exchange inside) -> log -> evaluate -> checkpoint -> stop?
+
+    Timed in laps (Timer): each lap's time goes to the part its end names."""
     from hvcodistill.training.metrics import Progress, group_mean
     from hvcodistill.comm.preemption import Preempted
 
-    t, every_ckpt = tr.cfg.train, tr.cfg.run.checkpoint_every
+    t, every_ckpt, timer = tr.cfg.train, tr.cfg.run.checkpoint_every, tr.timer
     loader = make_loader(tr.data.train, tr.plan.keys(tr.start_step, tr.total_steps),
                          workers=tr.cfg.data.workers, device=tr.device)
     progress = Progress(tr.total_steps, tr.start_step, enabled=t.progress and tr.comms.world_rank == 0)
-    window, window_start = _empty_window(), tr.start_step
-    exchange_s_before = tr.exchange.seconds     # exchange_s is logged per window, not cumulative
-    traffic_before = tr.traffic.flat()          # so are the bytes by link
-    loop_start, loop_s_before = time.perf_counter(), tr.timer.loop_s
-
-    def account() -> None:
-        tr.timer.loop_s = loop_s_before + time.perf_counter() - loop_start
-        tr.timer.compute_s = tr.timer.loop_s - tr.timer.allreduce_s - tr.exchange.seconds
-        tr.timer.wall_s = tr.wall_seconds()
-
+    window = LogWindow(tr, tr.start_step)
+    timer.start(tr.exchange)
     try:
         for step, (x, y) in enumerate(loader, start=tr.start_step):
+            x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
+            timer.lap("data_s")                 # waiting for the loader, and the copy to the device
             lr, wd = tr.lr(step), tr.wd(step)
             set_hyperparameters(tr.optimizer, lr=lr, weight_decay=wd)
-            x, y = x.to(tr.device, non_blocking=True), y.to(tr.device, non_blocking=True)
-            parts = train_step(tr, step, x, y)
-            for k in ("task_loss", "distill_loss", "correct"):
-                window[k] = window[k] + parts[k]            # device tensors: no sync per step
-            window["samples"] += len(y)
+            window.add(train_step(tr, step, x, y), len(y))
+            timer.lap("compute_s")              # less the all-reduce wait and the exchange inside
             done = step + 1
             if itstime(done, t.log_every, total_steps=tr.total_steps, first=False, last=True):
-                n_steps = done - window_start
-                local = {"task_loss": float(window["task_loss"]) / n_steps,
-                         "distill_loss": float(window["distill_loss"]) / n_steps,
-                         "accuracy": float(window["correct"]) / window["samples"],
-                         **window_bytes(tr.traffic, traffic_before, n_steps, tr.comms.topology.group_size)}
-                traffic_before = tr.traffic.flat()
-                scalars = group_mean(tr.comms.group, local)       # group_comm: average over the group
-                scalars.update(lr=lr, weight_decay=wd, exchange_s=tr.exchange.seconds - exchange_s_before)
-                exchange_s_before = tr.exchange.seconds
+                scalars = group_mean(tr.comms.group, window.scalars(done))   # group_comm: average over the group
+                scalars.update(lr=lr, weight_decay=wd)
                 tr.logger.log(done, "train", scalars)
                 progress.update(done, {"loss": scalars["task_loss"], "acc": scalars["accuracy"]},
                                 force_line=True)
-                window, window_start = _empty_window(), done
+                window = LogWindow(tr, done)
             else:
                 progress.update(done)
             if itstime(done, t.eval_every, first=False) and done != tr.total_steps:
+                timer.lap("other_s")
                 validate(tr, done)
+                timer.lap("eval_s")
             if itstime(done, every_ckpt, first=False) and done != tr.total_steps:
-                account()
-                checkpoint.save(tr, done)
-            if guard.should_stop() and done != tr.total_steps:
-                account()
-                checkpoint.save(tr, done)
+                save_checkpoint(tr, done)
+            # COMM_WORLD, every few steps: has any rank been signalled? True on all ranks at once.
+            if guard.should_stop(done) and done != tr.total_steps:
+                save_checkpoint(tr, done)
                 raise Preempted(done, guard.signal_name())
+            timer.lap("other_s")
     finally:
         progress.close()
-    account()
+    timer.lap("data_s")                         # the loader's last call, which ended the loop
+    timer.wall_s = tr.wall_seconds()
+
+
+def save_checkpoint(tr: Trainer, step: int) -> None:
+    """Every rank, inside the loop: the checkpoint holds the timer up to here; its own time
+    goes to checkpoint_s."""
+    from hvcodistill.training import checkpoint
+
+    tr.timer.lap("other_s")
+    tr.timer.wall_s = tr.wall_seconds()
+    checkpoint.save(tr, step)
+    tr.timer.lap("checkpoint_s")
+
+
+class LogWindow:
+    """The steps since the last log point: their figures are summed on the device when logged,
+    so a step adds no device sync and no tensor op; timing and bytes are logged per window."""
+
+    FOLD = 1024                                 # a long window is summed every FOLD steps
+
+    def __init__(self, tr: Trainer, start: int):
+        self.tr, self.start, self.parts, self.samples = tr, start, [], 0
+        self.traffic, self.timer = tr.traffic.flat(), tr.timer.state_dict()
+
+    def add(self, parts: dict, samples: int) -> None:
+        self.parts.append(parts)
+        self.samples += samples
+        if len(self.parts) == self.FOLD:
+            self.parts = [self._sums()]
+
+    def _sums(self) -> dict:
+        return {k: torch.stack([p[k] for p in self.parts]).sum() for k in ("task_loss", "distill_loss", "correct")}
+
+    def scalars(self, done: int) -> dict:
+        """This rank's means over the window: losses, accuracy, bytes by link, seconds per step by
+        part (Timer), and the window's exchange seconds (exchange_s, as logged before)."""
+        n, sums, timer = done - self.start, self._sums(), self.tr.timer.state_dict()
+        per_step = {f"{k}_per_step": (timer[k] - self.timer[k]) / n for k in Timer.PARTS}
+        return {"task_loss": float(sums["task_loss"]) / n, "distill_loss": float(sums["distill_loss"]) / n,
+                "accuracy": float(sums["correct"]) / self.samples,
+                **window_bytes(self.tr.traffic, self.traffic, n, self.tr.comms.topology.group_size),
+                **per_step, "step_s": (timer["loop_s"] - self.timer["loop_s"]) / n,
+                "exchange_s": timer["exchange_s"] - self.timer["exchange_s"]}
 
 
 def window_bytes(traffic: Traffic, before: list, n_steps: int, group_size: int) -> dict:
@@ -312,10 +386,6 @@ def window_bytes(traffic: Traffic, before: list, n_steps: int, group_size: int) 
     names = [f"bytes_{c}_{link}" for c in COLLECTIVES for link in LINKS]
     return {name: (now - then) * group_size / n_steps
             for name, now, then in zip(names, traffic.flat(), before)}
-
-
-def _empty_window() -> dict:
-    return {"task_loss": 0.0, "distill_loss": 0.0, "correct": 0.0, "samples": 0}
 
 
 def validate(tr: Trainer, step: int) -> dict:
@@ -358,11 +428,14 @@ def summarize(tr: Trainer, final: dict) -> dict | None:
 
     world, topo = tr.comms.world, tr.comms.topology
     # COMM_WORLD: mean time per rank and total bytes received over peer_comm.
-    local = np.array([tr.timer.compute_s, tr.timer.allreduce_s, tr.exchange.seconds, tr.timer.loop_s,
-                      float(tr.exchange.bytes_received), float(tr.exchange.count), *map(float, tr.traffic.flat())])
+    times = [getattr(tr.timer, k) for k in (*Timer.PARTS, "loop_s")]
+    local = np.array([*times, float(tr.exchange.bytes_received), float(tr.exchange.count),
+                      *map(float, tr.traffic.flat())])
     total = np.empty_like(local)
     world.Allreduce(local, total, op=MPI.SUM)       # float64: bytes stay exact up to 2**53
-    moved = Traffic.unflat(total[6:])
+    n = len(times)
+    timing = dict(zip((*Timer.PARTS, "loop_s"), (total[:n] / topo.world_size).tolist()))
+    moved = Traffic.unflat(total[n + 2:])
     models = world.gather({"id": tr.comms.model_id, "val_accuracy": final["val_accuracy"],
                            "val_loss": final["val_loss"]} if tr.comms.group_rank == 0 else None, root=0)
     if world.Get_rank() != 0:
@@ -381,10 +454,10 @@ def summarize(tr: Trainer, final: dict) -> dict | None:
         "models": sorted((m for m in models if m), key=lambda m: m["id"]),
         "ensemble_val_accuracy": final["ensemble_val_accuracy"],
         "disagreement": final["disagreement"],
-        "timing": {"compute_s": total[0] / w, "allreduce_s": total[1] / w, "exchange_s": total[2] / w,
-                   "loop_s": total[3] / w, "step_s": total[3] / w / max(1, tr.total_steps)},
-        "exchanged_bytes": int(total[4]),
-        "exchanges": int(total[5] / w),
+        # mean per rank; the parts add up to loop_s (README: "What a run leaves")
+        "timing": {**timing, "step_s": timing["loop_s"] / max(1, tr.total_steps)},
+        "exchanged_bytes": int(total[n]),
+        "exchanges": int(total[n + 1] / w),
         # where the bytes went: all ranks' sends, per training step and in all, by collective and link
         "nodes": tr.comms.nodes.as_dict(),
         "bytes_per_step": per_step(moved, tr.total_steps),
@@ -414,7 +487,7 @@ def run(args) -> int:
     world = MPI.COMM_WORLD
     start = time.perf_counter()
     # From here on SIGUSR1/SIGTERM are recorded, not fatal: a signal during set-up stops the run
-    # cleanly after its first step.
+    # cleanly after its second step (the first check posts it, the second reads it).
     guard = PreemptionGuard(world)
     try:
         return _run(args, world, guard, start)
@@ -430,6 +503,7 @@ def _run(args, world, guard, start: float) -> int:
     from hvcodistill.training import checkpoint
 
     cfg, topo, data, plan, model = agree(world, lambda: prepare(args, world.Get_size(), world.Get_rank()))
+    guard.every = cfg.run.preempt_check_every      # the same on every rank: one config
     agree(world, lambda: check_same_data(world, data))
     tr = connect(cfg, topo, data, plan, model, world)
     tr.started = start

@@ -124,7 +124,8 @@ def test_resnet50_weights_mode_bf16_smoke(ranks, tmp_path):
     proc = ranks(2, ["-m", "hvcodistill.train", "--config", cfg, f"run.dir={tmp_path}", "data.name=synthetic",
                      "data.synthetic_shape=[3,64,64]", "data.synthetic_train_size=64",
                      "data.synthetic_val_size=16", "train.epochs=0", "train.steps=3", "train.batch_size=4",
-                     "codistill.every=2", "data.workers=1", "train.eval_every=0", "train.progress=false"])
+                     "codistill.every=2", "codistill.burn_in_steps=0", "data.workers=1", "train.eval_every=0",
+                     "train.progress=false"])
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["mode"] == "weights" and s["exchanges"] == 2 and s["steps"] == 3
     # each exchange moves a whole ResNet-50 (parameters and BN buffers) to each rank's one peer

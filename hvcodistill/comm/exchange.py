@@ -3,11 +3,15 @@
 Every exchange is one MPI Allgather on peer_comm (the M ranks with the same group rank), of raw
 bytes staged on the host, so any dtype travels exactly and any MPI (CUDA-aware or not) works.
 All peers call the same collectives in the same order: the cadence is a pure function of the step.
+(A weights-mode refresh is sharded and non-blocking: see WeightExchange.)
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import time
+import weakref
 
 from typing import Callable
 
@@ -34,11 +38,35 @@ class Exchange:
     says how many of this rank's peers sit on its node and on other nodes."""
 
     def __init__(self, traffic: Traffic | None = None, peers_by_link: dict | None = None) -> None:
-        self.seconds = 0.0          # wall time inside exchanges
+        self.seconds = 0.0          # wall time inside exchanges (see _timed), staging included
         self.bytes_received = 0     # bytes this rank received from its peers
         self.count = 0
         self.traffic = traffic if traffic is not None else Traffic()
         self.peers_by_link = peers_by_link or {}
+        self._timing = False        # inside a _timed() block: nested blocks count once
+
+    @contextlib.contextmanager
+    def _timed(self, device: torch.device | None = None):
+        """Add the block's wall time to `seconds` (the summary's exchange_s): use it around the
+        whole exchange as the training thread sees it, copies to and from the host included.
+        On a GPU (`device`), the device is synchronised when the block starts, so compute still
+        queued is not counted as exchange, and when it ends, so the copy back to it is. A block
+        inside another counts once (the outer one)."""
+        if self._timing:
+            yield
+            return
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+        self._timing = True
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(device)
+            self.seconds += time.perf_counter() - start
+            self._timing = False
 
     def state_dict(self) -> dict:
         """The counters a checkpoint keeps (teachers are saved by the checkpoint itself)."""
@@ -53,10 +81,9 @@ class Exchange:
 
     def _allgather_bytes(self, peer, payload: np.ndarray) -> np.ndarray:
         """peer_comm Allgather of one uint8 buffer; returns (M, nbytes), row m from model m."""
-        start = time.perf_counter()
         out = np.empty((peer.Get_size(), payload.size), dtype=np.uint8)
-        peer.Allgather(payload, out)
-        self.seconds += time.perf_counter() - start
+        with self._timed():
+            peer.Allgather(payload, out)
         self.bytes_received += out.nbytes - payload.nbytes
         self.count += 1
         # each of the M-1 peers receives this rank's payload: on this node or across the network
@@ -64,86 +91,313 @@ class Exchange:
         return out
 
 
+# What logits travel as in predictions mode (codistill.payload_dtype). fp32 is exact; fp16 and bf16
+# halve the bytes: fp16 keeps 11 significant bits and saturates at +-65504, bf16 keeps 8 bits and
+# fp32's range. numpy has no bfloat16, so every payload travels as raw bytes.
+PAYLOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+_CHECKSUM_BYTES = 8
+
+
+def pack_logits(logits: torch.Tensor, payload_dtype: str, checksum: int) -> np.ndarray:
+    """The bytes one rank sends: its logits in `payload_dtype` (cast on their device, so the copy
+    to the host moves the smaller payload), then the batch checksum as 8 little-endian bytes."""
+    wire = logits.detach()
+    if payload_dtype == "fp16":
+        wire = wire.float().clamp(-_FP16_MAX, _FP16_MAX)     # saturate rather than become inf
+    wire = wire.to(PAYLOAD_DTYPES[payload_dtype]).contiguous().view(-1).view(torch.uint8)
+    payload = torch.empty(wire.numel() + _CHECKSUM_BYTES, dtype=torch.uint8)
+    payload[:wire.numel()].copy_(wire)                       # device -> host, into the send buffer
+    out = payload.numpy()
+    out[wire.numel():] = np.array([checksum], dtype="<u8").view(np.uint8)
+    return out
+
+
+def unpack_logits(row: np.ndarray, payload_dtype: str, shape, device: torch.device) -> torch.Tensor:
+    """A peer's logits from its payload row: float32 on `device`, for the loss (host -> device in
+    the payload dtype, widened there)."""
+    raw = torch.from_numpy(row[:-_CHECKSUM_BYTES].copy())
+    return raw.view(PAYLOAD_DTYPES[payload_dtype]).view(shape).to(device).float()
+
+
+def payload_checksum(row: np.ndarray) -> int:
+    return int(row[-_CHECKSUM_BYTES:].copy().view("<u8")[0])
+
+
 class PredictionExchange(Exchange):
     """Every k steps peers allgather the logits of the batch they all hold (data.order=shared).
 
     A batch checksum (epoch and sample indices, from `batch_key(step)`) rides in the same buffer,
     so a peer holding a different batch is caught on every exchange at the cost of 8 bytes; it is
-    computed on exchange steps only.
+    computed on exchange steps only. Logits travel as `payload_dtype` (fp32: exact, the default;
+    fp16/bf16: half the bytes) and come back as float32. `seconds` covers the whole exchange:
+    checksum, cast and copy to the host, allgather, unpacking and the copy back to the device.
     """
 
-    def __init__(self, peer, model_id: int, every: int, batch_key: Callable[[int], tuple], **counting):
+    def __init__(self, peer, model_id: int, every: int, batch_key: Callable[[int], tuple],
+                 payload_dtype: str = "fp32", **counting):
         super().__init__(**counting)
+        if payload_dtype not in PAYLOAD_DTYPES:
+            raise ValueError(f"payload_dtype must be one of {', '.join(PAYLOAD_DTYPES)}, got {payload_dtype!r}")
         self.peer, self.model_id, self.every, self.batch_key = peer, model_id, every, batch_key
+        self.payload_dtype = payload_dtype
 
     def teacher_logits(self, *, step, x, logits, alpha):
         if alpha == 0 or not itstime(step, self.every):
             return []
-        checksum = batch_checksum(*self.batch_key(step))
-        local = logits.detach().float().cpu().contiguous().numpy()
-        payload = np.concatenate([local.reshape(-1).view(np.uint8),
-                                  np.array([checksum], dtype=np.uint64).view(np.uint8)])
-        rows = self._allgather_bytes(self.peer, payload)
-        sums = rows[:, -8:].copy().view(np.uint64).reshape(-1)
-        if len(set(sums.tolist())) != 1:
-            raise BatchMismatchError(
-                f"step {step}: peers hold different batches (checksums {[hex(s) for s in sums]}); "
-                "predictions mode needs data.order=shared and identical data on every peer",
-                report=self.model_id == 0)
-        return [torch.from_numpy(rows[m, :-8].copy().view(np.float32).reshape(local.shape)).to(logits.device)
-                for m in range(len(rows)) if m != self.model_id]
+        with self._timed(logits.device):
+            payload = pack_logits(logits, self.payload_dtype, batch_checksum(*self.batch_key(step)))
+            rows = self._allgather_bytes(self.peer, payload)
+            sums = [payload_checksum(row) for row in rows]
+            if len(set(sums)) != 1:
+                raise BatchMismatchError(
+                    f"step {step}: peers hold different batches (checksums {[hex(s) for s in sums]}); "
+                    "predictions mode needs data.order=shared and identical data on every peer",
+                    report=self.model_id == 0)
+            return [unpack_logits(rows[m], self.payload_dtype, logits.shape, logits.device)
+                    for m in range(len(rows)) if m != self.model_id]
 
 
 class WeightExchange(Exchange):
-    """Every k steps peers allgather parameters and buffers into M-1 local teacher copies.
+    """Stale copies of the peer models as teachers (Anil et al. 2018), refreshed every k steps.
 
-    The teachers are stale copies of the peer models (Anil et al. 2018): eval mode, no gradients,
-    one extra forward per step, distilled from on every step.
+    Teachers are in eval mode, never get gradients, cost one extra forward per step and
+    (M-1) x model memory, and are distilled from on every step once they are worth it.
+
+    Schedule, a pure function of the step (so resume is exact): a refresh is *taken* at steps
+    burn_in, burn_in + k, burn_in + 2k, ... and *installed* `delay` steps later (0 <= delay < k).
+    The student distils only from step burn_in + delay on, so its first teachers are the peers
+    as burn-in ends, never their random initial weights; during burn-in nothing is sent.
+
+    Sharded, off the critical path: the weights are snapshot to a host buffer at step t, and
+    non-blocking collectives on private duplicates of group_comm and peer_comm (so nothing else
+    on those communicators can interleave with them) move them while training goes on:
+      1. group_comm allgather of the floating-point buffers (BatchNorm statistics), averaged:
+         the teacher is defined as the peer model with its group-averaged buffers, as evaluation
+         uses them, so every rank of a group gets the same teacher (the student's own buffers are
+         never changed; skipped when the model has none or G = 1);
+      2. peer_comm allgather of this rank's 1/G shard of the model's bytes: group rank r sends
+         shard r, so one copy of each model crosses the network per refresh, not G;
+      3. group_comm allgather of the M-1 peer shards received, inside the node: every rank
+         reassembles all M-1 teachers.
+    Each step Test()s the current stage (Horovod's background thread keeps MPI progressing in
+    between); the step t + delay waits for what is left and copies the teachers in. A
+    checkpoint finishes a refresh in flight and saves its bytes (`pending_state`), so the
+    resumed run installs the identical teachers at the same step.
     """
 
-    def __init__(self, peer, model_id: int, every: int, model: torch.nn.Module, **counting):
+    _AVERAGE, _PEER, _GROUP, _DONE = range(4)        # the stages of a refresh, in order
+
+    def __init__(self, peer, model_id: int, every: int, model: torch.nn.Module, *, group,
+                 group_by_link: dict | None = None, burn_in_steps: int = 0, refresh_delay: int = 0,
+                 **counting):
         super().__init__(**counting)
-        self.peer, self.model_id, self.every, self.model = peer, model_id, every, model
+        if not 0 <= refresh_delay < every:
+            raise ValueError(f"refresh_delay must be in [0, every={every}), got {refresh_delay}")
+        self.model_id, self.every, self.model = model_id, every, model
+        self.burn_in, self.delay = int(burn_in_steps), int(refresh_delay)
+        # Private duplicates: refresh stages are posted at steps that depend on Test(), so they
+        # must not share a communicator with any other collective (logging, evaluation, ...).
+        self.peer, self.group = peer.Dup(), group.Dup()
+        self.group_by_link = group_by_link or {}
         self.teachers = []
         for _ in range(peer.Get_size() - 1):
             t = copy.deepcopy(model).eval()
             t.requires_grad_(False)
             self.teachers.append(t)
+        self.others = [m for m in range(peer.Get_size()) if m != model_id]
+        self._layout()
+        self._refresh = None            # the refresh in flight: taken_at, install_at, stage, request
+        self.installed_from = None      # step the installed teachers were taken at (None: not yet)
+        self.wait_seconds = 0.0         # time spent blocked on a refresh at its install step
+        atexit.register(_finish_at_exit, weakref.ref(self))
 
-    @staticmethod
-    def _state(module: torch.nn.Module) -> list[torch.Tensor]:
-        return list(module.state_dict(keep_vars=True).values())
+    # ---- the schedule: pure functions of the step
+    def refreshes_at(self, step: int) -> bool:
+        return step >= self.burn_in and (step - self.burn_in) % self.every == 0
 
-    def exchange(self) -> None:
-        """Allgather this model's parameters and buffers; load each peer's into its teacher."""
-        mine = self._state(self.model)
-        payload = torch.cat([t.detach().reshape(-1).view(torch.uint8).cpu() for t in mine]).numpy()
-        rows = self._allgather_bytes(self.peer, payload)
-        others = [m for m in range(len(rows)) if m != self.model_id]
+    @property
+    def distill_from(self) -> int:
+        """First step whose teachers were taken at or after burn-in."""
+        return self.burn_in + self.delay
+
+    # ---- the payload: the state dict's bytes, in one host buffer
+    def _layout(self) -> None:
+        """Where each tensor of the state dict sits in the payload: floating-point buffers first
+        (stage 1 sends that prefix), larger elements first, so every offset is a multiple of its
+        element size with no padding; the payload is the model's bytes, padded to G equal shards."""
+        state = self.model.state_dict(keep_vars=True)
+        averaged = {n for n, b in self.model.named_buffers() if b.is_floating_point()} & set(state)
+        keys = sorted(state, key=lambda k: (k not in averaged, -state[k].element_size()))
+        self.entries, offset, self.averaged_bytes = [], 0, 0     # entries: (key, offset, nbytes, dtype, shape)
+        for key in keys:
+            t = state[key]
+            offset = -(-offset // t.element_size()) * t.element_size()
+            self.entries.append((key, offset, t.numel() * t.element_size(), t.dtype, t.shape))
+            offset += t.numel() * t.element_size()
+            if key in averaged:
+                self.averaged_bytes = offset
+        self.averaged = [e for e in self.entries if e[0] in averaged]
+        g, m = self.group.Get_size(), self.peer.Get_size()
+        if g == 1:                       # one rank per model: its buffers are the group's mean
+            self.averaged_bytes = 0
+        self.nbytes = offset
+        self.shard = -(-offset // g)     # S: the bytes each rank of a group sends its peers
+        # host buffers, allocated once: a refresh is installed before the next one starts (delay < k)
+        self._flat = np.zeros(g * self.shard, dtype=np.uint8)                      # this model, padded
+        self._buffers_in = np.empty((g, max(self.averaged_bytes, 1)), dtype=np.uint8)
+        self._shards_in = np.empty((m, self.shard), dtype=np.uint8)                # shard r of every model
+        self._teachers_in = np.empty((g, m - 1, self.shard), dtype=np.uint8)       # every shard of the peers
+
+    # ---- a refresh, stage by stage
+    def _start(self, taken_at: int, install_at: int) -> None:
+        """Snapshot this model to the host buffer and post the first stage."""
+        flat = torch.from_numpy(self._flat)
+        state = self.model.state_dict(keep_vars=True)
         with torch.no_grad():
-            for teacher, m in zip(self.teachers, others):
-                offset = 0
-                for src, dst in zip(mine, self._state(teacher)):
-                    n = src.numel() * src.element_size()
-                    raw = torch.from_numpy(rows[m, offset:offset + n].copy())
-                    dst.copy_(raw.view(src.dtype).view(src.shape))
-                    offset += n
+            for key, offset, n, _, _ in self.entries:
+                flat[offset:offset + n].copy_(state[key].detach().contiguous().view(-1).view(torch.uint8))
+        self.count += 1
+        self._refresh = {"taken_at": taken_at, "install_at": install_at, "stage": self._AVERAGE, "request": None}
+        self._post(self._AVERAGE if self.averaged_bytes else self._PEER)
+
+    def _post(self, stage: int) -> None:
+        r = self._refresh
+        r["stage"], r["request"] = stage, None
+        add = self.traffic.add
+        if stage == self._AVERAGE:
+            # group_comm: every rank's buffers, to average (inside the node with contiguous placement)
+            r["request"] = self.group.Iallgather(self._flat[:self.averaged_bytes], self._buffers_in)
+            add("exchange", {link: n * self.averaged_bytes for link, n in self.group_by_link.items()})
+        elif stage == self._PEER:
+            # peer_comm: shard r of this model to the peers; shard r of each of theirs back
+            rank = self.group.Get_rank()
+            r["request"] = self.peer.Iallgather(self._flat[rank * self.shard:(rank + 1) * self.shard],
+                                                self._shards_in)
+            add("exchange", {link: n * self.shard for link, n in self.peers_by_link.items()})
+            self.bytes_received += (len(self._shards_in) - 1) * self.shard
+        elif stage == self._GROUP:
+            # group_comm: the peers' shards this rank received, so that every rank has all of them
+            lo, hi = self.others[0], self.others[-1] + 1
+            send = self._shards_in[lo:hi] if hi - lo == len(self.others) else self._shards_in[self.others]
+            r["send"] = send                     # kept alive until the request completes
+            r["request"] = self.group.Iallgather(send, self._teachers_in)
+            add("exchange", {link: n * send.nbytes for link, n in self.group_by_link.items()})
+
+    def _advance(self) -> None:
+        """The current stage's request is complete: use its result and post the next stage."""
+        stage = self._refresh["stage"]
+        if stage == self._AVERAGE:
+            self._average_buffers()
+            self._post(self._PEER)
+        elif stage == self._PEER:
+            self._post(self._GROUP)
+        elif stage == self._GROUP:
+            self._refresh.update(stage=self._DONE, request=None, send=None)
+
+    def _average_buffers(self) -> None:
+        """Write the group mean of every floating-point buffer into this model's payload."""
+        flat = torch.from_numpy(self._flat)
+        for _, offset, n, dtype, shape in self.averaged:
+            raw = torch.from_numpy(np.ascontiguousarray(self._buffers_in[:, offset:offset + n]))
+            copies = raw.view(dtype).view(len(raw), *shape)
+            flat[offset:offset + n].copy_(copies.mean(0).view(-1).view(torch.uint8))
+
+    def _progress(self) -> None:
+        """Non-blocking: advance through every stage that has completed."""
+        r = self._refresh
+        while r["stage"] != self._DONE and r["request"].Test():
+            self._advance()
+
+    def finish(self) -> None:
+        """Block until the refresh in flight (if any) has arrived; it is still installed at its step."""
+        r = self._refresh
+        while r is not None and r["stage"] != self._DONE:
+            r["request"].Wait()
+            self._advance()
+
+    def _install(self) -> None:
+        start = time.perf_counter()
+        self.finish()
+        self.wait_seconds += time.perf_counter() - start
+        with torch.no_grad():
+            for k, teacher in enumerate(self.teachers):
+                whole = np.ascontiguousarray(self._teachers_in[:, k, :]).reshape(-1)   # a view when M = 2
+                state = teacher.state_dict(keep_vars=True)
+                for key, offset, n, dtype, shape in self.entries:
+                    state[key].copy_(torch.from_numpy(whole[offset:offset + n]).view(dtype).view(shape))
+        self.installed_from = self._refresh["taken_at"]
+        self._refresh = None
+
+    def exchange(self, step: int | None = None) -> None:
+        """A blocking refresh: take this model's weights now and install the peers' at once."""
+        device = next(iter(self.model.state_dict().values())).device
+        with self._timed(device):
+            self.finish()                # one in flight completes first (collectives stay in order), then is replaced
+            self._start(taken_at=step, install_at=step)
+            self._install()
 
     def teacher_logits(self, *, step, x, logits, alpha):
-        if itstime(step, self.every):
-            self.exchange()
-        if alpha == 0:
+        # timed as exchange: the copies to and from the device (those sync with it), the Test()s
+        if self.refreshes_at(step):
+            with self._timed(x.device):
+                self._start(taken_at=step, install_at=step + self.delay)
+        if self._refresh is not None:
+            if step >= self._refresh["install_at"]:
+                with self._timed(x.device):
+                    self._install()
+            else:
+                with self._timed():
+                    self._progress()
+        if alpha == 0 or step < self.distill_from:
             return []
         with torch.no_grad():
             return [t(x) for t in self.teachers]
 
+    # ---- checkpoints: a refresh in flight is finished and its bytes saved (identical on every
+    # rank of the group), so that the resumed run installs it at the same step
+    def pending_state(self) -> dict | None:
+        self.finish()
+        r = self._refresh
+        if r is None:
+            return None
+        return {"taken_at": r["taken_at"], "install_at": r["install_at"],
+                "teachers": torch.from_numpy(self._teachers_in.copy())}
+
+    def load_pending_state(self, state: dict | None) -> None:
+        self._refresh = None
+        if state is not None:
+            self._teachers_in[...] = state["teachers"].numpy()
+            self._refresh = {"taken_at": state["taken_at"], "install_at": state["install_at"],
+                             "stage": self._DONE, "request": None}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "installed_from": self.installed_from, "wait_seconds": self.wait_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.installed_from, self.wait_seconds = state.get("installed_from"), state.get("wait_seconds", 0.0)
+
+
+def _finish_at_exit(ref) -> None:
+    """Before MPI_Finalize (mpi4py's, which runs after Python's atexit): complete a refresh still
+    in flight, e.g. when a script drives train_step itself and ends between a refresh's steps."""
+    exchange = ref()
+    if exchange is not None:
+        exchange.finish()
+
 
 def make_exchange(*, mode: str, n_models: int, alpha: float, every: int, peer, model_id: int,
                   model: torch.nn.Module, batch_key: Callable[[int], tuple], traffic: Traffic | None = None,
-                  peers_by_link: dict | None = None) -> Exchange:
+                  peers_by_link: dict | None = None, group=None, group_by_link: dict | None = None,
+                  burn_in_steps: int = 0, refresh_delay: int = 0, payload_dtype: str = "fp32") -> Exchange:
+    """The exchange for this run. Weights mode also needs `group` (group_comm, for the sharded
+    refresh), `group_by_link` (how many of this rank's group sit on its node and on others), and
+    the schedule: `burn_in_steps`, `refresh_delay` (config.py resolves their defaults)."""
     counting = {"traffic": traffic, "peers_by_link": peers_by_link}
     if n_models == 1 or alpha == 0:
         return Exchange(**counting)
     if mode == "predictions":
-        return PredictionExchange(peer, model_id, every, batch_key, **counting)
-    return WeightExchange(peer, model_id, every, model, **counting)
+        return PredictionExchange(peer, model_id, every, batch_key, payload_dtype=payload_dtype, **counting)
+    return WeightExchange(peer, model_id, every, model, group=group, group_by_link=group_by_link,
+                          burn_in_steps=burn_in_steps, refresh_delay=refresh_delay, **counting)

@@ -3,8 +3,10 @@
 Layout: <run.dir>/checkpoints/model_<i>/step_<s>.pt and a sidecar step_<s>.json (sha256, size,
 topology, the settings that must not change). Group rank 0 of each model writes its model's file:
 temporary file, fsync, rename, then the sidecar the same way, so a sidecar only ever describes a
-complete file. What differs between the ranks of a group (BatchNorm statistics, the teachers'
-buffers, RNG states, counters) is gathered into the same file, so every rank resumes exactly.
+complete file. What differs between the ranks of a group (BatchNorm statistics, RNG states,
+counters) is gathered into the same file, so every rank resumes exactly. In weights mode the
+teachers (the same on every rank of a group) are saved once, with a refresh still in flight:
+it is finished first, and its bytes are saved so that the resumed run installs it at its step.
 
 On resume every rank agrees on the newest step that every model wrote completely and that every
 rank can read; a file whose hash does not match is skipped for the previous one.
@@ -30,7 +32,8 @@ EXIT_PREEMPTED = 75     # EX_TEMPFAIL: the sbatch script turns it into `scontrol
 
 # Settings a checkpoint must share with the run that resumes it (the rest may change: steps, logging).
 RESUME_KEYS = ("codistill.n_models", "codistill.mode", "codistill.every", "codistill.alpha",
-               "codistill.distance", "codistill.temperature", "codistill.burn_in_steps", "data.name",
+               "codistill.distance", "codistill.temperature", "codistill.burn_in_steps",
+               "codistill.refresh_delay", "data.name",
                "data.order", "model.name", "model.hidden", "model.init_seed", "optim.name",
                "train.batch_size", "train.seed", "train.amp")
 
@@ -93,8 +96,11 @@ def _load_buffers(module: torch.nn.Module, buffers: dict) -> None:
 def _write(tr, step: int) -> None:
     """Group rank 0 writes the model's checkpoint, with what every rank of the group holds alone."""
     teachers = getattr(tr.exchange, "teachers", [])
-    local = {"buffers": _buffers(tr.model), "teacher_buffers": [_buffers(t) for t in teachers],
-             "rng": _rng_state(tr.device), "timer": vars(tr.timer).copy(),
+    if hasattr(tr.exchange, "finish"):
+        # weights mode, every rank: a refresh in flight completes (its non-blocking peer_comm and
+        # group_comm collectives); it is still installed at its own step, here or after a resume
+        tr.exchange.finish()
+    local = {"buffers": _buffers(tr.model), "rng": _rng_state(tr.device), "timer": tr.timer.state_dict(),
              "exchange": tr.exchange.state_dict()}
     c = tr.comms
     tr.traffic.add("checkpoint", gather_sends(c.group_ranks[0], c.world_rank, len(pickle.dumps(local)), c.nodes))
@@ -104,7 +110,8 @@ def _write(tr, step: int) -> None:
     if tr.comms.group_rank != 0:
         return
     state = {"step": step, "model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
-             "scaler": tr.scaler.state_dict(), "teachers": [t.state_dict() for t in teachers], "ranks": ranks}
+             "scaler": tr.scaler.state_dict(), "teachers": [t.state_dict() for t in teachers],
+             "pending_refresh": getattr(tr.exchange, "pending_state", lambda: None)(), "ranks": ranks}
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
@@ -223,12 +230,11 @@ def _apply(tr, state: dict) -> None:
     _load_buffers(tr.model, mine["buffers"])
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scaler.load_state_dict(state["scaler"])
-    for teacher, teacher_state, buffers in zip(getattr(tr.exchange, "teachers", []), state["teachers"],
-                                               mine["teacher_buffers"]):
+    for teacher, teacher_state in zip(getattr(tr.exchange, "teachers", []), state["teachers"]):
         teacher.load_state_dict(teacher_state)
-        _load_buffers(teacher, buffers)
-    for k, v in mine["timer"].items():
-        setattr(tr.timer, k, v)
+    if hasattr(tr.exchange, "load_pending_state"):
+        tr.exchange.load_pending_state(state.get("pending_refresh"))
+    tr.timer.load_state_dict(mine["timer"])
     tr.exchange.load_state_dict(mine["exchange"])
     tr.traffic.load_state_dict(mine["traffic"])
     _set_rng_state(mine["rng"], tr.device)

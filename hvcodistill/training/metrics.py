@@ -60,8 +60,7 @@ class RunLogger:
     def log(self, step: int, kind: str, scalars: dict) -> list[dict]:
         """Write this model's `scalars` (already averaged over its group); returns every model's rows
         on world rank 0 (empty elsewhere). Called by every rank at the same steps."""
-        for name, value in scalars.items():
-            self.tb.add_scalar(f"{kind}/{name}", value, step)
+        _add_scalars(self.tb, kind, scalars, step)
         if not self.is_group_root:
             return []
         # peer_comm of group rank 0: one row per model travels to world rank 0 for metrics.jsonl.
@@ -81,6 +80,21 @@ class RunLogger:
         self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _add_scalars(writer, kind: str, scalars: dict, step: int) -> None:
+    """All of a log point's scalars as one TensorBoard event (`kind/name` tags), not one event
+    each: 22 scalars cost 75 us instead of 480 us, which a millisecond step notices."""
+    if isinstance(writer, NullWriter):
+        return
+    file_writer = getattr(writer, "_get_file_writer", None)     # what add_scalar itself writes to
+    if file_writer is None:
+        for name, value in scalars.items():
+            writer.add_scalar(f"{kind}/{name}", value, step)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    file_writer().add_summary(Summary(value=[Summary.Value(tag=f"{kind}/{name}", simple_value=float(value))
+                                             for name, value in scalars.items()]), step)
 
 
 def group_mean(comm, values: dict) -> dict:

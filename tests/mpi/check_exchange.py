@@ -3,8 +3,11 @@
 predictions: the logits a rank receives equal what each peer's model computes on the same batch
              (recomputed here from the peer's own seed, independently of the exchange);
 mismatch:    a peer holding a different batch is caught by every rank of that peer_comm;
-weights:     right after an exchange every teacher copy equals its peer's parameters and buffers.
+weights:     right after a (blocking) refresh every teacher copy equals its peer model: the peer's
+             parameters, and its buffers averaged over the peer's group (the teacher is the same on
+             every rank of a group; the student's own buffers are untouched).
 """
+import hashlib
 import sys
 
 import torch
@@ -14,6 +17,15 @@ from common import batch, fail, make_trainer
 from hvcodistill.comm.exchange import BatchMismatchError, PredictionExchange
 from hvcodistill.models import build_model
 from hvcodistill.train import train_step
+
+
+
+def state_digest(module):
+    h = hashlib.sha256()
+    for value in module.state_dict().values():
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
 
 what = sys.argv[1]
 mode = "weights" if what == "weights" else "predictions"
@@ -71,19 +83,32 @@ elif what == "mismatch":
     result = "mismatch caught"
 
 else:
-    tr.exchange.exchange()
-    states = c.peer.allgather({k: v.clone() for k, v in tr.model.state_dict().items()})
+    own_before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.exchange.exchange()          # a refresh from step 4 is in flight here: it completes first
+    own = tr.model.state_dict()
+    if any(not torch.equal(own[k], own_before[k]) for k in own):
+        fail("the refresh changed the student's own parameters or buffers")
+    # every rank's state, over COMM_WORLD, independently of the exchange
+    states = MPI.COMM_WORLD.allgather(own_before)
+    G = c.topology.group_size
     peers = [j for j in range(M) if j != c.model_id]
-    if not any(n.startswith("running_") or "running" in n for n, _ in tr.model.named_buffers()):
+    buffers = {n for n, b in tr.model.named_buffers() if b.is_floating_point()}
+    if not buffers:
         fail("test model has no buffers to compare")
+    if G > 1 and all(torch.equal(states[0][n], states[1][n]) for n in buffers):
+        fail("buffers are equal inside a group: the group mean would test nothing")
     for j, teacher in zip(peers, tr.exchange.teachers):
+        group = [states[j * G + g] for g in range(G)]
         for name, value in teacher.state_dict().items():
-            if not torch.equal(value, states[j][name]):
-                fail(f"teacher {j}: {name} differs from the peer's")
+            want = torch.stack([s[name] for s in group]).mean(0) if name in buffers else group[0][name]
+            if not torch.equal(value, want):
+                fail(f"teacher {j}: {name} differs from the peer's (buffers: the peer group's mean)")
         if teacher.training:
             fail("teacher copy is not in eval mode")
-    own = tr.model.state_dict()
-    if all(torch.equal(own[k], states[peers[0]][k]) for k in own):
+    teacher_digests = c.group.allgather([state_digest(t) for t in tr.exchange.teachers])
+    if any(d != teacher_digests[0] for d in teacher_digests):
+        fail("ranks of one group hold different teachers")
+    if all(torch.equal(own[k], states[peers[0] * G + c.group_rank][k]) for k in own):
         fail("teacher equals the student: models did not differ")
     result = "weights ok"
 
