@@ -30,8 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from hvcodistill.config import load_config
 from hvcodistill.errors import ConfigError
 from hvcodistill.launch import mpirun_command
 
@@ -45,6 +44,7 @@ class Variant:
     name: str
     overrides: tuple[str, ...]
     mode: str            # the planner's mode: none | predictions | weights (all-reduce: n_models 1)
+    module: str = "hvcodistill.train"
 
 
 VARIANTS = (
@@ -55,11 +55,15 @@ VARIANTS = (
     Variant("alpha=0", ("codistill.alpha=0",), "none"),
 )
 CALIBRATION = "alpha=0"   # the run whose compute time and intra-node all-reduce feed the planner
+# One host only: the plain Horovod loop a user would write (hvcodistill/reference.py), the yardstick
+# for the all-reduce run: M = 1 must cost what it costs.
+REFERENCE = Variant("plain Horovod loop", ("codistill.n_models=1",), "none", module="hvcodistill.reference")
 
 
-def run_variant(launch, np: int, config: str, overrides: list[str], run_dir: Path) -> dict:
+def run_variant(launch, np: int, config: str, overrides: list[str], run_dir: Path,
+                module: str = "hvcodistill.train") -> dict:
     """One training run under `launch(np, command) -> (argv, env)`; its summary.json."""
-    cmd, env = launch(np, [sys.executable, "-m", "hvcodistill.train", "--config", config, *overrides,
+    cmd, env = launch(np, [sys.executable, "-m", module, "--config", config, *overrides,
                            f"run.dir={run_dir}", "train.progress=false", "train.eval_every=0",
                            "codistill.burn_in_steps=0", "run.checkpoint_every=0"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -68,20 +72,19 @@ def run_variant(launch, np: int, config: str, overrides: list[str], run_dir: Pat
         raise SystemExit(f"bench: run with {' '.join(overrides)} exited {proc.returncode}: "
                          f"{lines[-1] if lines else proc.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    summary["batch_size_per_rank"] = resolved["train"]["batch_size"]
+    summary["batch_size_per_rank"] = load_config(config, overrides).train.batch_size
     return summary
 
 
 def measure(launch, np: int, config: str, common: list[str], repeat: int, tmp: Path, label: str,
-            log=print) -> dict:
+            log=print, variants=VARIANTS) -> dict:
     """{variant name: the median run's summary (by step time) of `repeat` runs}."""
     out = {}
-    for v in VARIANTS:
+    for v in variants:
         runs = []
         for r in range(repeat):
             t0 = time.perf_counter()
-            s = run_variant(launch, np, config, [*common, *v.overrides], tmp / f"{label}-{len(out)}-{r}")
+            s = run_variant(launch, np, config, [*common, *v.overrides], tmp / f"{label}-{len(out)}-{r}", v.module)
             runs.append(s)
             log(f"bench: {label} {v.name}: {s['timing']['step_s'] * 1e3:.1f} ms/step "
                 f"(run {r + 1}/{repeat}, {time.perf_counter() - t0:.0f}s)")
@@ -93,7 +96,6 @@ def measure(launch, np: int, config: str, common: list[str], repeat: int, tmp: P
 def planner_inputs(config: str, common: list[str], calibration: dict) -> dict:
     """What the planner needs that a run measures or the config says: the model's size, the batch,
     the classes, the compute time per step and the intra-node rate (both from `calibration`)."""
-    from hvcodistill.config import load_config
     from hvcodistill.plan import BYTES_PER_GBIT, model_size
 
     cfg = load_config(config, common)
@@ -131,9 +133,10 @@ def predict(inputs: dict, summary: dict, variant: Variant, rate_bits: int | None
 # ----------------------------------------------------------------------------- output
 def rows_for(measured: dict, rate: str, predictions: dict | None = None) -> list[dict]:
     rows = []
-    for v in VARIANTS:
+    for v in (v for v in (*VARIANTS, REFERENCE) if v.name in measured):
         s = measured[v.name]
-        t, per = s["topology"], s["bytes_per_step"]["total"]
+        t = s["topology"]
+        per = s.get("bytes_per_step", {}).get("total", {"intra_node": 0, "inter_node": 0})   # reference: not counted
         step = s["timing"]["step_s"]
         batch = s.get("batch_size_per_rank")
         rows.append({"rate": rate, "variant": v.name, "step_ms": step * 1e3,
@@ -141,7 +144,7 @@ def rows_for(measured: dict, rate: str, predictions: dict | None = None) -> list
                      "intra_node_MB_per_step": per["intra_node"] / 1e6,
                      "inter_node_MB_per_step": per["inter_node"] / 1e6,
                      "predicted_step_ms": (predictions or {}).get(v.name),
-                     "nodes": s["nodes"]["count"], "world_size": t["world_size"]})
+                     "nodes": s.get("nodes", {}).get("count", 1), "world_size": t["world_size"]})
     return rows
 
 
@@ -163,6 +166,10 @@ def crossovers(rows: list[dict], rates: list[str]) -> list[str]:
     """For each codistillation variant: at which measured rates it beats all-reduce."""
     by = {(r["rate"], r["variant"]): r["step_ms"] for r in rows}
     out = []
+    for rate in rates:
+        if (rate, REFERENCE.name) in by:
+            out.append(f"all-reduce (M=1) / plain Horovod loop: {by[(rate, REFERENCE.name)] / by[(rate, VARIANTS[0].name)]:.3f}x "
+                       "the reference's speed (1.00 = no overhead)")
     for v in VARIANTS[1:]:
         faster = [rate for rate in rates if by[(rate, v.name)] < by[(rate, VARIANTS[0].name)]]
         ratio = ", ".join(f"{rate} {by[(rate, VARIANTS[0].name)] / by[(rate, v.name)]:.2f}x" for rate in rates)
@@ -232,7 +239,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common = [f"train.steps={args.steps}", "train.epochs=0", *args.overrides]
     try:
-        from hvcodistill.config import load_config
         load_config(args.config, common)           # bad overrides: one line now, not after 4 ranks start
         if args.cluster:
             rows, rates, title = bench_cluster(args, common)
@@ -257,7 +263,7 @@ def bench_local(args, common):
     repeat = args.repeat or 3
     with tempfile.TemporaryDirectory(prefix="hvcodistill-bench-") as tmp:
         measured = measure(mpirun_command, args.np, args.config, common, repeat, Path(tmp), "local",
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
+                           log=lambda m: print(m, file=sys.stderr, flush=True), variants=(*VARIANTS, REFERENCE))
     title = (f"one host, {args.np} ranks; {Path(args.config).name}, {args.steps} steps; "
              f"median of {repeat} run(s)")
     return rows_for(measured, "local"), ["local"], title

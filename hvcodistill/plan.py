@@ -39,8 +39,12 @@ The model (alpha-beta: one transfer of n bytes over a link takes alpha + n / bet
     number of its ranks.
 - t_exchange (every k steps, so t_exchange / k per step): an allgather among the M peers, a ring
   of M - 1 sequential transfers per rank of one payload: t = (M - 1) (alpha + payload / beta).
-  payload: predictions B x C x payload_bytes + 8 (the batch checksum); weights: the model's
-  parameters and buffers as the trainer sends them (4 x P for fp32 when only P is known). The link
+  payload: predictions B x C x payload_bytes + 8 (the batch checksum); weights: 1/G of the model's
+  parameters and buffers as the trainer sends them (4 x P for fp32 when only P is known): the
+  refresh is sharded, each of a model's G ranks sends its shard and the group reassembles the
+  teachers inside the node (counted in the bytes; its time is left out). A weights refresh is
+  installed `refresh_delay` = min(10, k // 2) steps after it is taken, so only the part of its
+  transfer that outlasts those steps' compute and all-reduce shows in the step time. The link
   is inter-node when the peers sit on different nodes (contiguous placement gives it when G >= L),
   else intra-node. All G peer allgathers run at once, so each rank gets beta_inter / f, f = the
   most peer-ring edges that leave one node = min(L, G) (with G >= L all L ranks of a node send
@@ -116,13 +120,19 @@ class Workload:
     def gradient_bytes(self) -> int:
         return 4 * self.params
 
-    def exchange_payload(self) -> int:
-        """Bytes one rank contributes to one exchange."""
+    def exchange_payload(self, group_size: int = 1) -> int:
+        """Bytes one rank sends its peers in one exchange. Weights mode is sharded: each of a
+        model's G ranks sends 1/G of the model (the group reassembles it inside the node)."""
         if self.n_models == 1 or self.mode == "none":
             return 0
         if self.mode == "predictions":
             return self.batch * self.classes * self.payload_bytes + CHECKSUM_BYTES
-        return self.state_bytes if self.state_bytes is not None else 4 * self.params
+        return -(-(self.state_bytes if self.state_bytes is not None else 4 * self.params) // group_size)
+
+    @property
+    def refresh_delay(self) -> int:
+        """Steps a weights refresh has to travel before it is installed (the trainer's default)."""
+        return min(10, self.every // 2) if self.mode == "weights" else 0
 
     def teacher_factor(self) -> float:
         """Compute with the M - 1 teacher forwards of weights mode, relative to without."""
@@ -261,12 +271,18 @@ def allreduce_bytes(cluster: Cluster, workload: Workload) -> dict:
 def exchange_bytes(cluster: Cluster, workload: Workload) -> dict:
     """Bytes per step, whole job, of the peer exchange: each exchange's allgather sends / k."""
     layout, total = cluster.layout(), dict.fromkeys(LINKS, 0.0)
-    payload = workload.exchange_payload()
+    m = workload.n_models
+    payload = workload.exchange_payload(cluster.gpus // m)
     if payload:
-        for ring in peer_rings(cluster.gpus, workload.n_models):
+        for ring in peer_rings(cluster.gpus, m):
             for me in ring:
                 for link, n in allgather_sends(ring, me, payload, layout).items():
                     total[link] += n / workload.every
+        if workload.mode == "weights":   # the group reassembles the M-1 teachers from its shards
+            for group in groups(cluster.gpus, m):
+                for me in group:
+                    for link, n in allgather_sends(group, me, (m - 1) * payload, layout).items():
+                        total[link] += n / workload.every
     return total
 
 
@@ -277,9 +293,11 @@ def predict(cluster: Cluster, workload: Workload) -> Prediction:
     w, m = cluster.gpus, workload.n_models
     algorithm = hierarchical_allreduce_s if workload.algorithm == "hierarchical" else ring_allreduce_s
     t_allreduce, allreduce_link = algorithm(cluster, groups(w, m), workload.gradient_bytes)
-    payload = workload.exchange_payload()
+    payload = workload.exchange_payload(w // m)
     t_exchange, exchange_link = exchange_s(cluster, peer_rings(w, m), payload)
     t_compute = workload.compute_s * (workload.teacher_factor() if m > 1 else 1.0)
+    # a weights refresh travels while `refresh_delay` steps compute: only what is left shows
+    t_exchange = max(0.0, t_exchange - workload.refresh_delay * (t_compute + t_allreduce))
     ar, ex = allreduce_bytes(cluster, workload), exchange_bytes(cluster, workload)
     return Prediction(
         variant="all-reduce" if m == 1 else "codistillation", gpus=w, nodes=cluster.nodes, n_models=m,
@@ -464,7 +482,7 @@ def table_rows(comparisons: Sequence[Comparison]) -> list[tuple[str, ...]]:
 def header(inputs: Inputs) -> list[str]:
     w, c = inputs.workload, inputs.cluster
     what = {"predictions": f"predictions ({w.exchange_payload():,} bytes per rank per exchange)",
-            "weights": f"weights ({w.exchange_payload():,} bytes per rank per exchange; "
+            "weights": f"weights ({w.exchange_payload():,} bytes per model per refresh, 1/G from each rank; "
                        f"compute x {w.teacher_factor():.3g} for {w.n_models - 1} teacher forward(s))",
             "none": "no exchange"}[w.mode]
     return [

@@ -1,0 +1,58 @@
+"""The benchmark as a user runs it: one line and exit 2 for bad input before any rank starts, and
+a small real run on this host that prints every variant, the reference loop and the ratio."""
+import subprocess
+import sys
+
+import pytest
+
+from hvcodistill.bench import REFERENCE, VARIANTS, crossovers, render, rows_for
+from tests.conftest import ROOT
+
+
+def bench(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "hvcodistill.bench", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    (["codistill.nope=1"], "codistill.nope"),
+    (["-np", "3"], "-np"),
+    (["--cluster", "--nodes", "3"], "--nodes"),
+])
+def test_bad_input_is_one_line_before_any_rank(args, says):
+    proc = bench(*args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert says in lines[-1] and "Traceback" not in proc.stderr and "bench: local" not in proc.stderr
+
+
+def summary(step_s, inter=0.0, world=4, models=2):
+    return {"topology": {"world_size": world, "n_models": models}, "timing": {"step_s": step_s},
+            "bytes_per_step": {"total": {"intra_node": 1e6, "inter_node": inter}}, "nodes": {"count": 2},
+            "batch_size_per_rank": 32}
+
+
+def test_rows_table_and_crossovers_from_fabricated_runs():
+    measured = {v.name: summary(0.1) for v in VARIANTS}
+    measured["all-reduce (M=1)"] = summary(0.2, inter=48e6, models=1)
+    measured[REFERENCE.name] = {"topology": {"world_size": 4}, "timing": {"step_s": 0.19}, "batch_size_per_rank": 32}
+    rows = rows_for(measured, "1gbit", {"alpha=0": 110.0})
+    by = {r["variant"]: r for r in rows}
+    assert by["all-reduce (M=1)"]["inter_node_MB_per_step"] == 48 and by["alpha=0"]["samples_per_s"] == 1280
+    assert by[REFERENCE.name]["inter_node_MB_per_step"] == 0
+    text = render(rows)
+    assert "+10%" in text          # the planner's 110 ms against 100 measured
+    lines = crossovers(rows, ["1gbit"])
+    assert "0.950x the reference" in lines[0]
+    assert any(line.startswith("predictions k=10") and "faster than all-reduce at: 1gbit" in line for line in lines)
+
+
+@pytest.mark.mpi
+def test_small_local_bench_prints_every_variant(tmp_path):
+    proc = bench("--steps", "6", "--repeat", "1", "--json", str(tmp_path / "b.json"), "model.hidden=[64]",
+                 "data.synthetic_train_size=1024")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for v in (*VARIANTS, REFERENCE):
+        assert v.name in proc.stdout, proc.stdout
+    assert "plain Horovod loop: " in proc.stdout and (tmp_path / "b.json").is_file()
