@@ -106,12 +106,14 @@ def planner_inputs(config: str, common: list[str], calibration: dict) -> dict:
                       hidden=cfg.model.hidden)
     steps = calibration["steps"]
     g = calibration["topology"]["group_size"]
-    allreduce_per_step = calibration["timing"]["allreduce_s"] / steps
+    tm = calibration["timing"]
+    allreduce_per_step = tm["allreduce_s"] / steps
     # ring inside one node: 2 (G-1) transfers of S/G; solved for the rate that took this long
     moved = 2 * (g - 1) * 4 * size.params / g
     intra_gbps = moved / max(allreduce_per_step, 1e-9) / BYTES_PER_GBIT if g > 1 else 1e3
     return {"size": size, "batch": cfg.train.batch_size, "classes": d.synthetic_classes,
-            "compute_s": calibration["timing"]["compute_s"] / steps, "intra_gbps": intra_gbps}
+            # everything but communication (compute, data loading, bookkeeping): what the planner adds to
+            "compute_s": (tm["loop_s"] - tm["allreduce_s"] - tm["exchange_s"]) / steps, "intra_gbps": intra_gbps}
 
 
 def predict(inputs: dict, summary: dict, variant: Variant, rate_bits: int | None, slots: int):
