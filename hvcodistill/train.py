@@ -283,10 +283,14 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
     tr.traffic.add("allreduce", tr.allreduce_sends)
     if tr.scaler.is_enabled():
         tr.scaler.unscale_(tr.optimizer)
-    with tr.optimizer.skip_synchronize():
-        tr.scaler.step(tr.optimizer)
-    tr.scaler.update()
-    parts["correct"] = (logits.detach().argmax(-1) == y).sum()
+        with tr.optimizer.skip_synchronize():
+            tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:                           # no loss scaling: the plain step (the scaler's calls cost a little)
+        with tr.optimizer.skip_synchronize():
+            tr.optimizer.step()
+    # the window compares them with the labels when it logs: one op per step, not three
+    parts["predicted"], parts["labels"] = logits.detach().argmax(-1), y
     return parts
 
 
@@ -351,7 +355,8 @@ def save_checkpoint(tr: Trainer, step: int) -> None:
 
 class LogWindow:
     """The steps since the last log point: their figures are summed on the device when logged,
-    so a step adds no device sync and no tensor op; timing and bytes are logged per window."""
+    so a step adds no device sync and no tensor op (the accuracy compares all the window's
+    predictions with their labels at once); timing and bytes are logged per window."""
 
     FOLD = 1024                                 # a long window is summed every FOLD steps
 
@@ -366,7 +371,14 @@ class LogWindow:
             self.parts = [self._sums()]
 
     def _sums(self) -> dict:
-        return {k: torch.stack([p[k] for p in self.parts]).sum() for k in ("task_loss", "distill_loss", "correct")}
+        """Totals on the device: a step brings its predictions and labels, a fold its `correct`."""
+        sums = {k: torch.stack([p[k] for p in self.parts]).sum() for k in ("task_loss", "distill_loss")}
+        counts = [p["correct"] for p in self.parts if "correct" in p]
+        steps = [p for p in self.parts if "predicted" in p]
+        if steps:
+            counts.append((torch.cat([p["predicted"] for p in steps]) == torch.cat([p["labels"] for p in steps])).sum())
+        sums["correct"] = sum(counts[1:], counts[0])
+        return sums
 
     def scalars(self, done: int) -> dict:
         """This rank's means over the window: losses, accuracy, bytes by link, seconds per step by
