@@ -117,7 +117,8 @@ def planner_inputs(config: str, common: list[str], calibration: dict) -> dict:
 
 
 def predict(inputs: dict, summary: dict, variant: Variant, rate_bits: int | None, slots: int):
-    """The planner's step time for this measured run, or None on an unshaped link (no rate)."""
+    """The planner's Prediction (step time and its parts) for this measured run, or None on an
+    unshaped link (no rate)."""
     from hvcodistill.plan import Cluster, Workload, predict as plan
 
     if rate_bits is None:
@@ -129,7 +130,7 @@ def predict(inputs: dict, summary: dict, variant: Variant, rate_bits: int | None
                         n_models=t["n_models"], mode=variant.mode if t["n_models"] > 1 else "none",
                         every=summary["every"], compute_s=inputs["compute_s"],
                         state_bytes=inputs["size"].state_bytes)
-    return plan(cluster, workload).step_s
+    return plan(cluster, workload)
 
 
 # ----------------------------------------------------------------------------- output
@@ -291,7 +292,7 @@ def bench_cluster(args, common):
                                log=lambda m: print(m, file=sys.stderr, flush=True))
             if inputs is None:
                 inputs = planner_inputs(args.config, common, measured[CALIBRATION])
-            predictions = {v.name: (lambda p: p * 1e3 if p is not None else None)(
+            predictions = {v.name: (lambda p: p.step_s * 1e3 if p is not None else None)(
                 predict(inputs, measured[v.name], v, bits[rate], slots)) for v in VARIANTS}
             rows += rows_for(measured, rate, predictions)
     title = (f"emulated cluster: {args.nodes} nodes x {slots} ranks, {Path(args.config).name}, "

@@ -279,6 +279,10 @@ class EmulatedCluster:
         _run(["ip", "-n", self.switch, "link", "set", port, "master", "br0", "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{self.address(host)}/24", "dev", "eth0"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        # TCP would restart slow-start on a connection idle for one round trip, i.e. before every
+        # exchange that follows a compute phase; MPI-over-TCP clusters turn that off (and RDMA has
+        # no such thing), so the link's rate, not a transport artifact, sets what an exchange takes.
+        _run(["ip", "netns", "exec", ns, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/tcp_slow_start_after_idle"])
 
     def _write_agent(self) -> None:
         self._record["agent"] = str(self.agent)
