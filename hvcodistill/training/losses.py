@@ -16,12 +16,13 @@ DISTANCES = ("kl", "ce", "mse")
 def distillation_distance(student: torch.Tensor, teacher: torch.Tensor, *, distance: str,
                           temperature: float = 1.0) -> torch.Tensor:
     """Batch-mean D(student, teacher) on logits (N, C); the teacher is treated as a constant.
+    Sequence logits (B, T, V) are per-token predictions: the mean is over all B x T tokens.
 
     kl:  T^2 * KL(softmax(t/T) || softmax(s/T)), the T^2 keeps gradient size independent of T (Hinton).
     ce:  T^2 * cross-entropy of softmax(s/T) against the soft targets softmax(t/T).
     mse: mean squared difference of the logits (per element).
     """
-    teacher = teacher.detach().to(student.dtype)
+    student, teacher = student.flatten(0, -2), teacher.detach().to(student.dtype).flatten(0, -2)
     if distance == "mse":
         return F.mse_loss(student, teacher)
     t = float(temperature)
@@ -41,10 +42,12 @@ def codistillation_loss(*, logits: torch.Tensor, targets: torch.Tensor,
                         temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Task cross-entropy plus alpha times the mean distance to the teachers.
 
-    Returns the loss to back-propagate and the detached parts worth logging.
+    Returns the loss to back-propagate and the detached parts worth logging. For a language model
+    (logits (B, T, V), targets (B, T)) both terms are means over tokens: next-token cross-entropy
+    and the per-token distance.
     With no teachers or alpha == 0 this is exactly the task loss (the all-reduce baseline).
     """
-    task = F.cross_entropy(logits, targets)
+    task = F.cross_entropy(logits.flatten(0, -2), targets.flatten())
     if alpha == 0 or not teacher_logits:
         distill = torch.zeros((), dtype=task.dtype, device=task.device)
         loss = task
