@@ -66,3 +66,80 @@ def evaluate(model, dataset, comms, *, device, workers: int = 0, autocast=contex
     count = max(count, 1.0)
     return {"val_loss": loss_sum / count, "val_accuracy": correct / count,
             "ensemble_val_accuracy": ensemble_correct / count, "disagreement": disagree / count}
+
+
+ENSEMBLE_TOP_K = 16     # candidates per model and token for the ensemble's next-token argmax
+
+
+@torch.no_grad()
+def token_rows(model: torch.nn.Module, dataset, indices: torch.Tensor, *, device: torch.device,
+               batch_size: int = 32, workers: int = 0, autocast=contextlib.nullcontext) -> np.ndarray:
+    """Per validated token, what a language model's peers need to score the ensemble, batch by
+    batch (never the (n, T, V) logits at once): float32 rows [log p(target), k top probabilities,
+    their k indices] with k = min(V, ENSEMBLE_TOP_K), the first index being the top-1."""
+    keys = [(0, indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    was_training = model.training
+    model.eval()
+    rows = []
+    for x, y in make_loader(dataset, keys, workers=workers, device=device):
+        with autocast():
+            logits = model(x.to(device, non_blocking=True))
+        logp = torch.log_softmax(logits.float(), dim=-1).flatten(0, -2)
+        y = y.to(logp.device).flatten()
+        top_p, top_i = logp.topk(min(logp.shape[-1], ENSEMBLE_TOP_K), dim=-1)   # sorted: top-1 first
+        rows.append(torch.cat([logp.gather(1, y[:, None]), top_p.exp(), top_i.float(), y[:, None].float()], 1).cpu())
+    model.train(was_training)
+    return torch.cat(rows).numpy() if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def evaluate_lm(model, dataset, comms, *, device, workers: int = 0, autocast=contextlib.nullcontext,
+                traffic=None) -> dict:
+    """A language model's next-token figures over the validation windows (group rank r takes
+    windows r, r+G, ..., the same on every peer):
+    - val_loss (mean next-token cross-entropy), val_perplexity = exp(val_loss), val_accuracy;
+    - ensemble_val_loss and ensemble_val_perplexity from the mean of the models' probabilities of
+      each next token (exact), and ensemble_val_accuracy from the argmax of the mean of the models'
+      top-16 probabilities per token (a token outside a model's top 16 counts 0 for it);
+    - disagreement: the fraction of tokens on which the models' top-1 differ.
+    Peers exchange 136 bytes per token (target log-probability, top-16 probabilities and indices,
+    the target), not V floats."""
+    g, r, m = comms.topology.group_size, comms.group_rank, comms.topology.n_models
+    indices = torch.arange(r, len(dataset), g)
+    mine = np.ascontiguousarray(token_rows(model, dataset, indices, device=device, workers=workers,
+                                           autocast=autocast), dtype=np.float32)
+    every = np.empty((m, *mine.shape), dtype=np.float32)
+    comms.peer.Allgather(mine, every)
+    if traffic is not None:
+        traffic.add("evaluation", allgather_sends(comms.peer_ranks, comms.world_rank, mine.nbytes, comms.nodes))
+    counts = token_counts(every, comms.model_id)
+    total = np.empty_like(counts)
+    comms.group.Allreduce(counts, total, op=MPI.SUM)
+    nll, correct, ens_nll, ens_correct, disagree, count = total.tolist()
+    count = max(count, 1.0)
+    loss, ens_loss = nll / count, ens_nll / count
+    return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 700))), "val_accuracy": correct / count,
+            "ensemble_val_loss": ens_loss, "ensemble_val_perplexity": float(np.exp(min(ens_loss, 700))),
+            "ensemble_val_accuracy": ens_correct / count, "disagreement": disagree / count}
+
+
+def token_counts(every: np.ndarray, model_id: int) -> np.ndarray:
+    """Sums over one shard from all M models' token rows (M, n, 2 + 2k), see token_rows:
+    [nll of model_id, its correct, ensemble nll, ensemble correct, disagreeing tokens, tokens]."""
+    m, n = every.shape[:2]
+    if not n:
+        return np.zeros(6)
+    k = (every.shape[2] - 2) // 2
+    target_logp, top_p = every[:, :, 0].astype(np.float64), every[:, :, 1:1 + k].astype(np.float64)
+    top_i, y = every[:, :, 1 + k:1 + 2 * k].astype(np.int64), every[0, :, -1].astype(np.int64)
+    top1 = top_i[:, :, 0]
+    # the ensemble's probability of each candidate: the sum over the models that have it in their top-k
+    cand = top_i.transpose(1, 0, 2).reshape(n, m * k)                     # (n, M k) candidates
+    score = np.zeros((n, m * k))
+    for j in range(m):
+        hit = cand[:, :, None] == top_i[j][:, None, :]                     # (n, M k, k)
+        score += (hit * top_p[j][:, None, :]).sum(-1)
+    ensemble_top1 = cand[np.arange(n), score.argmax(1)]
+    ensemble_logp = np.logaddexp.reduce(target_logp, axis=0) - np.log(m)
+    return np.array([-target_logp[model_id].sum(), float((top1[model_id] == y).sum()),
+                     -ensemble_logp.sum(), float((ensemble_top1 == y).sum()),
+                     float((top1 != top1[:1]).any(0).sum()), float(n)])
