@@ -53,9 +53,16 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Ubuntu 22.04 packages are pinned to their upstream release (Ubuntu's security revisions may
 # follow); NCCL is pinned to the exact version the CUDA image ships and holds (NV_LIBNCCL_*,
 # CUDA_VERSION come from the image), so apt never has to change a held package.
+# InfiniBand / RoCE user space, named because --no-install-recommends leaves it out: libibverbs1
+# and the ibverbs-providers (mlx5, efa, ...) let NCCL's IB transport and Open MPI's UCX/openib
+# reach the HCAs the host passes in (--device=/dev/infiniband, or --privileged); librdmacm1 for
+# RDMA connection setup; rdma-core's udev/config files; infiniband-diags gives ibstat and ibstatus
+# to check the links from inside the container. Without them NCCL falls back to TCP sockets between nodes, silently.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       "openmpi-bin=4.1.2-*" "libopenmpi-dev=4.1.2-*" "openssh-client=1:8.9p1-*" \
+      "rdma-core=39.0-*" "ibverbs-providers=39.0-*" "libibverbs1=39.0-*" "librdmacm1=39.0-*" \
+      "infiniband-diags=39.0-*" \
       "python3=3.10.*" "python3-dev=3.10.*" "python3-venv=3.10.*" \
       "g++=4:11.2.*" "make=4.3-*" "git=1:2.34.1-*" \
       "libnccl2=${NV_LIBNCCL_PACKAGE_VERSION}+cuda${CUDA_VERSION%.*}" \

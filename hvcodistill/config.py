@@ -44,7 +44,7 @@ class DataConfig:
     order: str = "shared"              # shared: peers see identical batches | disjoint: different ones
     augment: bool = False              # random crops/flips (cifar10, imagenet)
     workers: int = 0                   # DataLoader worker processes per rank
-    synthetic_shape: list = field(default_factory=lambda: [3, 32, 32])
+    synthetic_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
     synthetic_classes: int = 10
     synthetic_train_size: int = 1024
     synthetic_val_size: int = 256
@@ -53,8 +53,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"                  # mlp | cnn | resnet18_cifar | resnet50 | resnext101_32x8d
-    hidden: list = field(default_factory=lambda: [128])   # the MLP's hidden sizes
+    hidden: list[int] = field(default_factory=lambda: [128])   # the MLP's hidden sizes
     init_seed: Optional[int] = None    # model i starts from (init_seed or train.seed) + i
+    dropout: float = 0.0               # the MLP's dropout after each hidden layer, in [0, 1)
 
 
 @dataclass
@@ -67,10 +68,10 @@ class OptimConfig:
     unit: str = "epochs"               # unit of warmup and milestones: epochs | steps
     lr_schedule: str = "step"          # step | cosine | constant (after linear warm-up)
     warmup: float = 0.0                # linear warm-up length
-    lr_milestones: list = field(default_factory=list)   # step decay: lr *= lr_gamma at each
+    lr_milestones: list[float] = field(default_factory=list)   # step decay: lr *= lr_gamma at each
     lr_gamma: float = 0.1
-    wd_milestones: list = field(default_factory=list)   # weight decay becomes wd_values[i] at each
-    wd_values: list = field(default_factory=list)
+    wd_milestones: list[float] = field(default_factory=list)   # weight decay becomes wd_values[i] at each
+    wd_values: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +96,9 @@ class RunConfig:
     # steps between the ranks' agreements on a SIGUSR1/SIGTERM (a stop comes within two of them);
     # 0: about every 0.1 s of training, from the step time the ranks agree on
     preempt_check_every: int = 0
+    # seconds without a heartbeat from every rank before the job is aborted (a rank or node lost,
+    # a link cut: comm/watchdog.py); 0: never
+    hang_timeout: float = 15.0
 
 
 @dataclass
@@ -123,6 +127,12 @@ CHOICES = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
 }
+# DataLoader workers per rank. Each is a process holding its own copy of the dataset object; a
+# node runs ranks x workers of them, so beyond a few dozen per rank a value is a typo, and
+# 100000000 would spawn processes until the machine stalls (a hang, not an error).
+MAX_WORKERS = 64
+# torch.manual_seed takes [-2**63, 2**64 - 1]; model i starts from seed + i, so seeds stop at 2**63 - 1.
+MAX_SEED = 2**63 - 1
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -133,10 +143,15 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None:
             return None
         annotation = next(a for a in args if a is not type(None))
-    if annotation is list:
+    if annotation is list or typing.get_origin(annotation) is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key}: expected a list, got {value!r}")
-        return list(value)
+        item = (typing.get_args(annotation) or (None,))[0]
+        if item is None:
+            return list(value)
+        # Each item by the same rules as a single value: [true] is no size, [1, a] no milestone,
+        # [.nan] no number. A whole number stays an int in a list[float] (milestones in steps).
+        return [v if item is float and type(v) is int else _coerce(key, v, item) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -146,6 +161,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             value = float(value)
         except ValueError:
             pass
+    # One rule for every number, list items included: nan and inf are refused at load, as no key
+    # has a use for them and they would train to a NaN loss (optim.wd_values=[.inf]).
     if annotation in (int, float) and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
     if annotation is int:
@@ -155,6 +172,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+        if abs(value) > 1e308:          # an int too large for a float: float() would overflow
+            raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -190,11 +209,16 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {path} not found")
+            raise ConfigError(f"config file {path} " + ("is a directory, not a file" if p.is_dir() else "not found"))
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} "
+                              f"at offset {e.start}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         for key, value in _flatten(tree).items():
@@ -230,10 +254,17 @@ def validate(cfg: Config) -> None:
                     "train.steps": t.steps, "train.epochs": t.epochs, "train.eval_every": t.eval_every,
                     "optim.warmup": o.warmup, "optim.weight_decay": o.weight_decay,
                     "data.workers": cfg.data.workers, "run.checkpoint_every": cfg.run.checkpoint_every,
-                    "run.preempt_check_every": cfg.run.preempt_check_every}
+                    "run.preempt_check_every": cfg.run.preempt_check_every, "run.hang_timeout": cfg.run.hang_timeout}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key {key} must be >= 0, got {value}")
+    if cfg.data.workers > MAX_WORKERS:
+        raise ConfigError(f"config key data.workers must be <= {MAX_WORKERS} (worker processes per rank, "
+                          f"each with its own copy of the dataset), got {cfg.data.workers}")
+    for key, seed in (("train.seed", t.seed), ("model.init_seed", cfg.model.init_seed)):
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"config key {key} must lie in [0, 2**63 - 1] (what torch.manual_seed takes, "
+                              f"with room for + model id), got {seed}")
     if o.momentum < 0 or (o.nesterov and o.momentum == 0):
         raise ConfigError(f"config key optim.momentum must be >= 0 (> 0 with optim.nesterov), got {o.momentum}")
     if o.lr_gamma <= 0:
@@ -260,6 +291,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key} must be an increasing list of non-negative numbers")
     if any(not isinstance(h, int) or h < 1 for h in cfg.model.hidden):
         raise ConfigError(f"config key model.hidden must be a list of positive integers, got {cfg.model.hidden}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"config key model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.model.dropout and cfg.model.name != "mlp":
+        raise ConfigError(f"config key model.dropout applies to model.name=mlp only, got {cfg.model.name}")
 
 
 def resolve_codistill_defaults(c: CodistillConfig) -> None:
@@ -272,4 +307,7 @@ def resolve_codistill_defaults(c: CodistillConfig) -> None:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The resolved config, written by the one atomic-write rule (hvcodistill/files.py)."""
+    from hvcodistill.files import write_atomic
+
+    write_atomic(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

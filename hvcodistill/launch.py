@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -47,7 +48,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.np < 1 or not args.command:
         p.error("need -np >= 1 and a command")
     cmd, env = mpirun_command(args.np, args.command)
-    return subprocess.call(cmd, env=env)
+    return run_forwarding_signals(cmd, env)
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run mpirun until it exits, passing it every stop signal this process gets, exactly once.
+
+    mpirun runs in its own process group, so Ctrl-C in a terminal (or `timeout`, which signals its
+    whole group) reaches only this process, which forwards it: a signal sent to this pid alone
+    behaves the same, and mpirun never gets one twice (twice means "kill the ranks at once" to it).
+    mpirun turns SIGINT/SIGTERM into SIGTERM to every rank (SIGKILL a second later) and forwards
+    SIGUSR1/SIGUSR2. Its stdin is /dev/null: a background process group must not read the
+    terminal. After SIGINT this prints one line and exits 130, once mpirun (and so every rank) is gone.
+    """
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp)
+    got = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signal.SIGINT in got:
+        print(f"hvcodistill.launch: interrupted (mpirun exited {rc})", file=sys.stderr, flush=True)
+        return 130
+    return rc
 
 
 if __name__ == "__main__":

@@ -22,11 +22,15 @@ from hvcodistill.comm.topology import Topology
 from hvcodistill.comm.traffic import (COLLECTIVES, LINKS, Traffic, allgather_sends, allreduce_sends,
                                       horovod_algorithm, per_step)
 from hvcodistill.config import Config, load_config, save_config
-from hvcodistill.data import BatchPlan, DataSpec, build_datasets, make_loader
+from hvcodistill.data import BatchPlan, DataSpec, build_datasets, make_loader, mix_seed
 from hvcodistill.errors import ConfigError
 from hvcodistill.models import build_model
+from hvcodistill.training.finite import FiniteWatch, NonFiniteError, stop_if_non_finite
 from hvcodistill.training.losses import alpha_at, codistillation_loss
 from hvcodistill.training.schedules import LRSchedule, WDSchedule, build_schedules, itstime
+
+
+RANK_STREAM = 0x72616E6B      # mix_seed(train.seed, RANK_STREAM, world rank): a rank's own RNG stream
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Trainer:
     started: float = field(default_factory=time.perf_counter)   # this process's start
     wall_before: float = 0.0                                      # earlier segments' wall time
     resumed_from: int = 0
+    finite: FiniteWatch | None = None    # the first non-finite step this rank saw (set by connect)
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
@@ -137,6 +142,11 @@ def prepare(args, world_size: int, world_rank: int):
         raise ConfigError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but torch sees no GPU on this node")
+    asked = gpu_request(os.environ)
+    if cfg.train.device == "auto" and asked and not torch.cuda.is_available():
+        # a job that asked for GPUs must not quietly train on CPU (hours at a fraction of the speed)
+        raise ConfigError(f"the job asked for GPUs ({asked}) but torch sees none (a CPU-only torch, or no "
+                          "driver on this node); set train.device=cpu to run on CPU anyway")
     topo = Topology(world_size, cfg.codistill.n_models)
     model_id, group_rank = topo.model_id(world_rank), topo.group_rank(world_rank)
     d, t = cfg.data, cfg.train
@@ -149,30 +159,125 @@ def prepare(args, world_size: int, world_rank: int):
     # Models start from different seeds, so they differ; ranks of one group start identical.
     torch.manual_seed((t.seed if cfg.model.init_seed is None else cfg.model.init_seed) + model_id)
     model = build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
-                        hidden=cfg.model.hidden)
-    if world_rank == 0:
-        run_dir = Path(cfg.run.dir)
-        if not cfg.run.resume and any((run_dir / "checkpoints").glob("model_*/step_*.pt")):
+                        hidden=cfg.model.hidden, dropout=cfg.model.dropout)
+    # From here on, torch's global RNG (dropout masks, on CPU and GPU) is this rank's own stream:
+    # ranks of a group see different samples and must not draw identical masks. Checkpoints keep
+    # every rank's RNG state, so a resumed run continues each stream exactly.
+    torch.manual_seed(mix_seed(t.seed, RANK_STREAM, world_rank))
+    return cfg, topo, data, plan, model      # run.dir is untouched: open_run_dir() checks it first
+
+
+# Variables through which a launcher or scheduler hands a process GPUs. A value that gives none:
+# CUDA_VISIBLE_DEVICES "" or "-1", SLURM's "NoDevFiles" (gres without device files), a count of 0.
+GPU_REQUEST_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "GPU_DEVICE_ORDINAL")
+
+
+def gpu_request(environ) -> str | None:
+    """`NAME=value` of the first variable saying this process was given GPUs, else None."""
+    names = [*GPU_REQUEST_VARS, *sorted(k for k in environ if k.startswith("SLURM_GPUS"))]
+    for name in names:
+        value = environ.get(name, "").strip()
+        none = ("", "-1", "NoDevFiles") + (("0",) if name.startswith("SLURM_GPUS") else ())
+        if name in environ and value not in none:
+            return f"{name}={value}"
+    return None
+
+
+def check_same_data(world, data: DataSpec, path: str) -> None:
+    """COMM_WORLD: every rank read its data from its own disk (`path`: its data.path); they must
+    hold the same content, or ranks would take different numbers of steps (a hang) or train and
+    distil across different samples. Compared once: the sizes and a content fingerprint (a hash
+    of the arrays, or of a lazy set's file list and sizes: data/fingerprint.py). On a mismatch
+    every rank exits EXIT_DATA_MISMATCH (3), as when peers find different batches in an exchange,
+    and world rank 0 prints one line naming two ranks that differ and their data.path."""
+    from hvcodistill.data.fingerprint import data_fingerprint
+    from hvcodistill.training.checkpoint import EXIT_DATA_MISMATCH
+
+    try:
+        mine, error = (len(data.train), len(data.val), tuple(data.input_shape), data.num_classes,
+                       data_fingerprint(data)), None
+    except OSError as e:            # a lazy set's file vanished or is unreadable: bad input, exit 2
+        mine, error = None, f"data.path {path!r}: cannot read {e.filename or ''}: {e.strerror or e}"
+    # COMM_WORLD: everyone's summary (a few dozen bytes), so every rank reaches the same verdict.
+    every = world.allgather((mine, error, path))
+    errors = [e for _, e, _ in every if e]
+    if errors:
+        raise ConfigError(errors[0])
+    odd = next((r for r, (s, _, _) in enumerate(every) if s != every[0][0]), None)
+    if odd is None:
+        return
+    (*sizes0, fp0), _, path0 = every[0]
+    (*sizes1, fp1), _, path1 = every[odd]
+    what = (f"fingerprints {fp0[:12]} and {fp1[:12]}" if sizes0 == sizes1 else
+            f"(train, val, shape, classes) = {tuple(sizes0)} and {tuple(sizes1)}")
+    if world.Get_rank() == 0:
+        print(f"hvcodistill: error: ranks hold different data: rank 0 (data.path={path0!r}) and rank {odd} "
+              f"(data.path={path1!r}) differ, {what}; every rank must read identical data (the same "
+              "files on every node, or data.path on a shared file system)", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_DATA_MISMATCH)
+
+
+def total_steps(cfg: Config, plan: BatchPlan) -> int:
+    t = cfg.train
+    return t.steps or max(1, int(round(t.epochs * plan.steps_per_epoch)))
+
+
+def open_run_dir(world, cfg: Config, topo: Topology, data: DataSpec, total: int) -> tuple[int, dict | None]:
+    """Check run.dir before writing anything there, then write config.yaml; returns the step to
+    resume from and this rank's checkpoint state ((0, None): a fresh start). A refused start (other
+    settings, checkpoints none usable, entries of the wrong kind, run.dir not shared) exits 2
+    and leaves run.dir as it was, so config.yaml still describes the checkpoints beside it."""
+    from mpi4py import MPI
+
+    from hvcodistill.training import checkpoint, rundir
+
+    run_dir, rank = Path(cfg.run.dir), world.Get_rank()
+    agree(world, lambda: rundir.check_entries(run_dir, topo.n_models) if rank == 0 else None)
+    # COMM_WORLD: every checkpoint writer (group rank 0) leaves a mark; after the allgather inside
+    # agree (a barrier), world rank 0 must see every mark, or run.dir is node-local somewhere.
+    host = MPI.Get_processor_name()
+    token = world.bcast(os.urandom(6).hex() if rank == 0 else None, root=0)
+    hosts = world.allgather(host)
+    writers = {m: hosts[topo.group_members(m)[0]] for m in range(topo.n_models)}
+    marker = None
+
+    def leave():
+        nonlocal marker
+        if topo.group_rank(rank) == 0:
+            try:
+                marker = rundir.leave_marker(run_dir, topo.model_id(rank), host, token)
+            except OSError as e:
+                raise ConfigError(f"run.dir {run_dir} cannot be written on {host}: {e.strerror or e}") from None
+
+    try:
+        agree(world, leave)
+        agree(world, lambda: rundir.check_markers(run_dir, writers, token, host) if rank == 0 else None)
+    finally:                          # every rank alike: agree raises on all of them together
+        rundir.remove_marker(marker, run_dir, last=False)
+        world.Barrier()               # COMM_WORLD: every mark is gone before rank 0 removes their folder
+        rundir.remove_marker(None, run_dir, last=rank == 0)
+
+    def refuse_fresh_start():
+        if rank == 0 and any((run_dir / "checkpoints").glob("model_*/step_*.*")):
             # a fresh run would mix its checkpoints with the old ones, and a later resume pick either
             raise ConfigError(f"run.resume=false but {run_dir / 'checkpoints'} holds checkpoints: "
                               "use a new run.dir or delete them")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        except OSError as e:
-            raise ConfigError(f"run.dir {run_dir} cannot be written: {e.strerror}") from None
-    return cfg, topo, data, plan, model
+        return 0, None
 
+    if cfg.run.resume:
+        start = agree(world, lambda: checkpoint.find_resume(world, cfg, topo, data, total))
+    else:
+        start = agree(world, refuse_fresh_start)
 
-def check_same_data(world, data: DataSpec) -> None:
-    """COMM_WORLD: every rank read its data from its own disk; they must agree on what they read,
-    or ranks would take different numbers of steps (a hang) or distil across different data."""
-    mine = (len(data.train), len(data.val), tuple(data.input_shape), data.num_classes)
-    every = world.allgather(mine)
-    if len(set(every)) > 1:
-        odd = next(r for r, s in enumerate(every) if s != every[0])
-        raise ConfigError(f"data.path differs between ranks: rank 0 has (train, val, shape, classes) = "
-                          f"{every[0]}, rank {odd} has {every[odd]}")
+    def write_config():
+        if rank == 0:
+            try:
+                save_config(cfg, run_dir / "config.yaml")
+            except OSError as e:
+                raise ConfigError(f"run.dir {run_dir} cannot be written: {e.strerror or e}") from None
+
+    agree(world, write_config)
+    return start
 
 
 def agree(world, fn):
@@ -219,7 +324,7 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
     c, t, o = cfg.codistill, cfg.train, cfg.optim
 
     spe = plan.steps_per_epoch
-    total = t.steps or max(1, int(round(t.epochs * spe)))
+    total = total_steps(cfg, plan)
     model = model.to(device)
     lr, wd = build_schedules(o, per_model_batch=t.batch_size * topo.group_size, steps_per_epoch=spe,
                              total_steps=total)
@@ -250,12 +355,12 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
                              burn_in_steps=c.burn_in_steps, refresh_delay=c.refresh_delay,
                              payload_dtype=c.payload_dtype)
 
-    run_dir = Path(cfg.run.dir)      # made by world rank 0 in prepare(), before the agreement
+    run_dir = Path(cfg.run.dir)      # checked and made by open_run_dir(), before the agreement
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     return Trainer(cfg=cfg, comms=comms, data=data, plan=plan, model=model, optimizer=opt, scaler=scaler,
                    exchange=exchange, logger=RunLogger(run_dir, comms), device=device, lr=lr, wd=wd,
                    total_steps=total, run_dir=run_dir, hvd=hvd, traffic=traffic, allreduce_sends=allreduce,
-                   allreduce_algorithm=algorithm)
+                   allreduce_algorithm=algorithm, finite=FiniteWatch(device))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -272,7 +377,7 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
     with tr.autocast():
         logits = tr.model(x)
         # peer_comm (on exchange steps): the teachers' logits for this batch; constants.
-        teachers = tr.exchange.teacher_logits(step=step, x=x, logits=logits, alpha=alpha)
+        teachers = tr.exchange.teacher_logits(step=step, x=x, y=y, logits=logits, alpha=alpha)
     loss, parts = codistillation_loss(logits=logits.float(), targets=y, alpha=alpha, distance=c.distance,
                                       temperature=c.temperature, teacher_logits=[t.float() for t in teachers])
     tr.optimizer.zero_grad()
@@ -281,6 +386,9 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
     tr.optimizer.synchronize()      # group_comm: wait for Horovod's averaged gradients
     tr.timer.allreduce_s += time.perf_counter() - start
     tr.traffic.add("allreduce", tr.allreduce_sends)
+    # on the device, no sync: any NaN/Inf in the loss or the group-averaged gradients (the ranks
+    # agree on it at preemption checks and before checkpoints: training/finite.py)
+    tr.finite.update(step, loss, None if tr.scaler.is_enabled() else tr.model.parameters())
     if tr.scaler.is_enabled():
         tr.scaler.unscale_(tr.optimizer)
         with tr.optimizer.skip_synchronize():
@@ -306,6 +414,7 @@ def train(tr: Trainer, guard) -> None:
                          workers=tr.cfg.data.workers, device=tr.device)
     progress = Progress(tr.total_steps, tr.start_step, enabled=t.progress and tr.comms.world_rank == 0)
     window = LogWindow(tr, tr.start_step)
+    guard.nonfinite = lambda: tr.finite.first() is not None     # read at its checks (a device sync)
     timer.start(tr.exchange)
     try:
         for step, (x, y) in enumerate(loader, start=tr.start_step):
@@ -331,22 +440,27 @@ def train(tr: Trainer, guard) -> None:
                 timer.lap("eval_s")
             if itstime(done, every_ckpt, first=False) and done != tr.total_steps:
                 save_checkpoint(tr, done)
-            # COMM_WORLD, every few steps: has any rank been signalled? True on all ranks at once.
+            # COMM_WORLD, every few steps: has any rank been signalled, or seen a NaN/Inf? True on
+            # all ranks at once.
             if guard.should_stop(done) and done != tr.total_steps:
+                if guard.saw_nonfinite:
+                    stop_if_non_finite(tr, done, known=True)
                 save_checkpoint(tr, done)
                 raise Preempted(done, guard.signal_name())
             timer.lap("other_s")
     finally:
         progress.close()
+    stop_if_non_finite(tr, tr.total_steps)      # COMM_WORLD: nothing non-finite is saved at the end
     timer.lap("data_s")                         # the loader's last call, which ended the loop
     timer.wall_s = tr.wall_seconds()
 
 
 def save_checkpoint(tr: Trainer, step: int) -> None:
     """Every rank, inside the loop: the checkpoint holds the timer up to here; its own time
-    goes to checkpoint_s."""
+    goes to checkpoint_s. Nothing non-finite is saved: the ranks agree on that first."""
     from hvcodistill.training import checkpoint
 
+    stop_if_non_finite(tr, step)        # COMM_WORLD: a NaN/Inf on any rank stops all, here
     tr.timer.lap("other_s")
     tr.timer.wall_s = tr.wall_seconds()
     checkpoint.save(tr, step)
@@ -482,48 +596,61 @@ def summarize(tr: Trainer, final: dict) -> dict | None:
 
 
 def save_final_model(tr: Trainer) -> None:
-    """Group rank 0 writes its model's final weights to model_<id>.pt (temporary file, then rename)."""
+    """Group rank 0 writes its model's final weights to model_<id>.pt (the atomic-write rule)."""
+    import io
+
+    from hvcodistill.files import write_atomic
+
     if tr.comms.group_rank != 0:
         return
-    path = tr.run_dir / f"model_{tr.comms.model_id}.pt"
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({k: v.cpu() for k, v in tr.model.state_dict().items()}, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in tr.model.state_dict().items()}, buf)
+    write_atomic(tr.run_dir / f"model_{tr.comms.model_id}.pt", buf.getvalue())
 
 
 def run(args) -> int:
     from mpi4py import MPI
 
     from hvcodistill.comm.preemption import Preempted, PreemptionGuard
+    from hvcodistill.comm.watchdog import Watchdog
+    from hvcodistill.training.checkpoint import EXIT_PREEMPTED
 
     world = MPI.COMM_WORLD
     start = time.perf_counter()
-    # From here on SIGUSR1/SIGTERM are recorded, not fatal: a signal during set-up stops the run
-    # cleanly after its second step (the first check posts it, the second reads it).
+    # From here on SIGUSR1/SIGTERM are recorded, not fatal: from the first step on the guard stops
+    # the run at a step with a checkpoint; during set-up the watchdog's thread ends every rank
+    # (exit 75), as it does on SIGINT (exit 130) and when a rank stops answering (run.hang_timeout).
     guard = PreemptionGuard(world)
+    watchdog = Watchdog(world, stepped=lambda: guard.started, exit_preempted=EXIT_PREEMPTED)
     try:
-        return _run(args, world, guard, start)
-    except Preempted:
-        guard.close()                 # all ranks stopped at the same step: nothing in flight after this
+        return _run(args, world, guard, watchdog, start)
+    except (Preempted, NonFiniteError, SystemExit):
+        # all ranks stopped together (at the same step, or refusing the same input)
+        guard.close(wait=not isinstance(sys.exc_info()[1], SystemExit))
+        watchdog.close()
         raise
     except BaseException:
         guard.close(wait=False)       # failing: peers may be gone, do not wait on them
-        raise
+        raise                         # main() aborts the job: the watchdog's thread ends with it
 
 
-def _run(args, world, guard, start: float) -> int:
+def _run(args, world, guard, watchdog, start: float) -> int:
     from hvcodistill.training import checkpoint
 
     cfg, topo, data, plan, model = agree(world, lambda: prepare(args, world.Get_size(), world.Get_rank()))
     guard.every = cfg.run.preempt_check_every      # the same on every rank: one config
-    agree(world, lambda: check_same_data(world, data))
+    watchdog.timeout = cfg.run.hang_timeout
+    agree(world, lambda: check_same_data(world, data, cfg.data.path))   # exit 3 if ranks' data differ
+    # run.dir: checked (and the checkpoint to resume from read) before anything is written there
+    resume_step, state = open_run_dir(world, cfg, topo, data, total_steps(cfg, plan))
     tr = connect(cfg, topo, data, plan, model, world)
     tr.started = start
-    if cfg.run.resume:
-        tr.start_step = agree(world, lambda: checkpoint.restore(tr))
-        tr.wall_before, tr.resumed_from = tr.timer.wall_s, tr.start_step
-        if tr.start_step:
-            tr.logger.resume_at(tr.start_step)
+    if state is not None:
+        checkpoint.apply(tr, state)
+        tr.start_step = tr.resumed_from = resume_step
+        tr.wall_before = tr.timer.wall_s
+        tr.logger.resume_at(resume_step)
+        del state
     start_step = tr.start_step
     try:
         train(tr, guard)
@@ -537,6 +664,7 @@ def _run(args, world, guard, start: float) -> int:
         save_final_model(tr)
     summary = summarize(tr, final)
     tr.logger.close()
+    watchdog.close()                      # COMM_WORLD: every rank is here, the job is done
     if summary is not None:
         accs = ", ".join(f"model {m['id']} {m['val_accuracy']:.4f}" for m in summary["models"])
         print(f"hvcodistill: done in {summary['wall_seconds']:.1f}s, {summary['steps']} steps; "
@@ -547,13 +675,23 @@ def _run(args, world, guard, start: float) -> int:
     return 0
 
 
+def stop_loader_workers() -> None:
+    """End this rank's DataLoader workers before MPI_Abort: they are children of a forkserver,
+    not of the rank, so the abort would leave them running (holding the launcher's output open)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mpi4py import MPI
 
-    from hvcodistill.training.checkpoint import EXIT_PREEMPTED
+    from hvcodistill.training.checkpoint import EXIT_DATA_MISMATCH, EXIT_NON_FINITE, EXIT_PREEMPTED
     from hvcodistill.comm.exchange import BatchMismatchError
     from hvcodistill.comm.preemption import Preempted
+    from hvcodistill.comm.watchdog import EXIT_INTERRUPTED
 
     try:
         return run(args)
@@ -567,11 +705,31 @@ def main(argv=None) -> int:
         import horovod.torch as hvd
         hvd.shutdown()
         return EXIT_PREEMPTED
+    except NonFiniteError as e:
+        # Every rank stopped at the same step, before saving anything from it: one line, exit 4.
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"hvcodistill: error: {e}", file=sys.stderr, flush=True)
+        import horovod.torch as hvd
+        hvd.shutdown()
+        return EXIT_NON_FINITE
     except BatchMismatchError as e:
         # Peers detect this together; one line from model 0's rank, then stop the whole job.
         if e.report:
             print(f"hvcodistill: error: {e}", file=sys.stderr, flush=True)
-        MPI.COMM_WORLD.Abort(3)
+        MPI.COMM_WORLD.Abort(EXIT_DATA_MISMATCH)
+    except ConfigError as e:
+        # Bad input that only shows when it is used (an image file that is no image, met in a
+        # batch): this rank alone knows, the others wait in a collective. One line, exit 2 for all.
+        # A DataLoader worker's error comes back with its traceback in the message: keep its last line.
+        line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        line = line.split(f"{ConfigError.__module__}.{ConfigError.__name__}: ", 1)[-1]
+        print(f"hvcodistill: error (rank {MPI.COMM_WORLD.Get_rank()}): {line}", file=sys.stderr, flush=True)
+        stop_loader_workers()
+        MPI.COMM_WORLD.Abort(2)
+    except KeyboardInterrupt:
+        # SIGINT outside the watchdog's span (it makes Ctrl-C exit 130 by itself): no traceback.
+        print("hvcodistill: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(EXIT_INTERRUPTED)
     except BaseException:
         # Any other failure on one rank would leave the others waiting in a collective: abort all.
         traceback.print_exc()

@@ -24,6 +24,20 @@ def run_ranks(np: int, args: list[str], *, timeout: float = 300, cwd: Path | Non
     return proc
 
 
+def _repo_runs() -> set[str]:
+    runs = ROOT / "runs"
+    return {str(p.relative_to(runs)) for p in runs.rglob("*")} if runs.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_runs_untouched():
+    """Tests write under tmp_path only: the repository's runs/ (a user's results) is left as found."""
+    before = _repo_runs()
+    yield
+    new = sorted(_repo_runs() - before)
+    assert not new, f"tests wrote into the repository's runs/: {new[:5]}"
+
+
 @pytest.fixture
 def ranks():
     return run_ranks

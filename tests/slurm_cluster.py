@@ -1,4 +1,5 @@
-"""A real, throw-away, one-machine SLURM cluster for the tests in test_slurm.py.
+"""A real, throw-away, one-machine SLURM cluster for the tests in test_slurm.py, and a 2-node one on
+the emulated cluster (EmulatedSlurmCluster, root only) for test_slurm_nodes.py.
 
     cluster = SlurmCluster(workdir)   # writes munge key + slurm.conf under workdir
     cluster.start()                   # munged, slurmctld, slurmd (foreground, our own pids)
@@ -97,11 +98,15 @@ class SlurmCluster:
             fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(1024))
-        d, node = self.dir, self.node
-        self.conf.write_text(f"""\
-# one-node test cluster written by tests/slurm_cluster.py
+        self.conf.write_text(self._conf_text())
+
+    def _conf_text(self) -> str:
+        """slurm.conf: the settings common to both clusters, then `_nodes_text()`."""
+        d = self.dir
+        return f"""\
+# test cluster written by tests/slurm_cluster.py
 ClusterName=hvtest
-SlurmctldHost={node}(127.0.0.1)
+{self._controller_text()}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
@@ -112,10 +117,10 @@ CredType=cred/munge
 AuthInfo=socket={self.munge_socket},cred_expire=5
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
-SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+{self._tmpfs_text()}SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd{self._per_node}.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SlurmdLogFile={d}/log/slurmd{self._per_node}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -136,10 +141,24 @@ JobRequeue=1
 MinJobAge=600
 KillWait=10
 InactiveLimit=0
-SlurmdTimeout=60
-NodeName={node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
-""")
+SlurmdTimeout={self.slurmd_timeout}
+MessageTimeout={self.message_timeout}
+{self._nodes_text()}"""
+
+    # one node, this machine's hostname, on the loopback address
+    _per_node = ""            # slurmd pid and log file suffix (%n: the node's name, per slurmd)
+    slurmd_timeout = 60
+    message_timeout = 10      # SLURM's default
+
+    def _controller_text(self) -> str:
+        return f"SlurmctldHost={self.node}(127.0.0.1)"
+
+    def _tmpfs_text(self) -> str:
+        return ""
+
+    def _nodes_text(self) -> str:
+        return (f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN\n"
+                f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP\n")
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.dir / "log" / f"{name}.stdout", "ab")
@@ -172,22 +191,40 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
                                    f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/log/munged.log",
                                    f"--seed-file={d}/munge/munged.seed"])
             self._wait_for("munged's socket", self.munge_socket.exists)
-            self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
+            self._spawn("slurmctld", self._on(self.nodes[0], [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)]))
             self._wait_for("slurmctld", lambda: self.run(["scontrol", "ping"], check=False).returncode == 0)
-            (d / "spool" / self.node).mkdir(parents=True, exist_ok=True)
-            self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
-            self._wait_for(f"node {self.node} to be idle", lambda: self.node_state() == "idle")
+            for node in self.nodes:
+                self.start_slurmd(node)
+            for node in self.nodes:
+                self._wait_for(f"node {node} to be idle", lambda: self.node_state(node) == "idle")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_slurmd(self, node: str) -> None:
+        (self.dir / "spool" / node).mkdir(parents=True, exist_ok=True)
+        (self.dir / "tmp" / node).mkdir(parents=True, exist_ok=True)
+        self._spawn(self._slurmd_name(node), self._on(node, [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)]))
+
+    # where the daemons run: here all on this machine as it is (EmulatedSlurmCluster: in the nodes)
+    @property
+    def nodes(self) -> list[str]:
+        return [self.node]
+
+    def _slurmd_name(self, node: str) -> str:
+        return "slurmd"
+
+    def _on(self, node: str, argv: list[str]) -> list[str]:
+        """argv that runs `argv` on `node`."""
+        return argv
 
     # ------------------------------------------------------------------ tear-down
     def stop(self) -> None:
         """Cancel every job, then stop the daemons this object started (by pid), newest first."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.cancel_all()
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*map(self._slurmd_name, self.nodes), "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -220,14 +257,15 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
             cwd: Path | str | None = None) -> subprocess.CompletedProcess:
         full_env = dict(self.env, **(env or {}))
         full_env["SLURM_CONF"] = str(self.conf)
-        proc = subprocess.run(argv, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(self._on(self.nodes[0], argv), env=full_env, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
         if check and proc.returncode != 0:
             raise SlurmError(f"{' '.join(map(str, argv))} exited {proc.returncode}\n--- stdout ---\n"
                              f"{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}\n{self.logs()}")
         return proc
 
-    def node_state(self) -> str:
-        out = self.run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%T"], check=False).stdout.strip()
+    def node_state(self, node: str | None = None) -> str:
+        out = self.run(["sinfo", "-h", "-N", "-n", node or self.node, "-o", "%T"], check=False).stdout.strip()
         return out.splitlines()[0] if out else ""
 
     def mpi_plugins(self) -> set[str]:
@@ -282,9 +320,112 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
     def logs(self, n: int = 30) -> str:
         parts = []
-        for name in ("munged.log", "slurmctld.log", "slurmd.log", "munged.stdout", "slurmctld.stdout",
-                     "slurmd.stdout"):
+        slurmds = list(map(self._slurmd_name, self.nodes))
+        for name in ("munged.log", "slurmctld.log", *(f"{n}.log" for n in slurmds), "munged.stdout",
+                     "slurmctld.stdout", *(f"{n}.stdout" for n in slurmds)):
             path = self.dir / "log" / name
             if path.exists() and path.stat().st_size:
                 parts.append(f"--- {path} (last {n} lines) ---\n{_tail(path, n)}")
         return "\n".join(parts)
+
+
+class EmulatedSlurmCluster(SlurmCluster):
+    """SLURM on the emulated multi-node cluster of hvcodistill.cluster: one slurmd per node, each in
+    its node's network namespace with the node's hostname (`slurmd -N nodeX`, NodeAddr 198.18.0.x),
+    and slurmctld on node0, the head node, as on a small cluster without a login node. Every client
+    command (sbatch, scontrol, ...) runs on node0 too, so jobs are submitted from there. munged stays
+    in the root namespace: its socket is a file, which every namespace sees.
+
+        with EmulatedCluster(2, name=...) as nodes:
+            cluster = EmulatedSlurmCluster(workdir, nodes).start()
+            ...
+            cluster.kill_node("node1")    # slurmd and every process in node1's namespace, SIGKILL
+            cluster.stop()                # cancels jobs, stops the daemons, kills what the jobs left
+
+    SlurmdTimeout and MessageTimeout are short (5 s each), so a node that stops answering is marked
+    DOWN, and its jobs end (NODE_FAIL, requeued), within about 15 s rather than SLURM's default of
+    5 minutes and more.
+    """
+    _per_node = "-%n"
+    slurmd_timeout = 5
+    message_timeout = 5
+
+    def __init__(self, workdir: Path, emulated, *, cpus: int = 2, start_timeout: float = 30.0):
+        super().__init__(workdir, cpus=cpus, start_timeout=start_timeout)
+        self.emulated = emulated
+        self.node = emulated.hosts[0]
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(self.emulated.hosts)
+
+    def _slurmd_name(self, node: str) -> str:
+        return f"slurmd-{node}"
+
+    def _on(self, node: str, argv: list[str]) -> list[str]:
+        """In `node`'s network namespace with its hostname, like EmulatedCluster.node_command, but
+        entered with nsenter rather than `ip netns exec`, which remounts /sys and so hides the cgroup
+        hierarchy under /sys/fs/cgroup that slurmd needs."""
+        return [_which("nsenter") or "nsenter", f"--net=/run/netns/{self.emulated.namespace(node)}",
+                _which("unshare") or "unshare", "--uts", "sh", "-c", f'hostname {node}; exec "$@"', "sh",
+                *map(str, argv)]
+
+    def _controller_text(self) -> str:
+        return f"SlurmctldHost={self.nodes[0]}({self.emulated.address(self.nodes[0])})"
+
+    def _tmpfs_text(self) -> str:
+        # slurmstepd's PMIx plugin makes /tmp/spmix_appdir_<uid>_<step> on each node; the nodes
+        # share this machine's /tmp, so each gets a TmpFS of its own (%n: the node's name)
+        return f"TmpFS={self.dir}/tmp/%n\n"
+
+    def _nodes_text(self) -> str:
+        lines = [f"NodeName={n} NodeAddr={self.emulated.address(n)} CPUs={self.cpus} State=UNKNOWN"
+                 for n in self.nodes]
+        lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+        return "\n".join(lines) + "\n"
+
+    def node_pids(self, node: str) -> list[int]:
+        """Every process in `node`'s network namespace (its slurmd, the job steps, the ranks)."""
+        out = subprocess.run(["ip", "netns", "pids", self.emulated.namespace(node)], capture_output=True,
+                             text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_node(self, node: str) -> None:
+        """The node dies: SIGKILL to every process in its namespace, repeated until none is left
+        (a dying slurmstepd may still fork)."""
+        slurmd = self.procs.pop(self._slurmd_name(node), None)
+        for _ in range(50):
+            pids = self.node_pids(node)
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+            if slurmd is not None:
+                slurmd.poll()          # reap it
+        raise SlurmError(f"processes left in {node}'s namespace after SIGKILL: {self.node_pids(node)}")
+
+    def revive(self, node: str, timeout: float = 60) -> None:
+        """Start a killed node's slurmd again and wait until SLURM takes the node back (ReturnToService=2
+        returns a node that was DOWN for not responding once it registers)."""
+        if self._slurmd_name(node) not in self.procs:
+            # as after a reboot with fresh local state: a killed slurmstepd leaves its PMIx directory
+            # (TmpFS) and socket (spool) behind, named after the job step, which the requeued job
+            # (same id, same step) would fail to create again
+            for sub in ("tmp", "spool"):
+                shutil.rmtree(self.dir / sub / node, ignore_errors=True)
+            self.start_slurmd(node)
+        self._wait_for(f"node {node} to come back", lambda: self.node_state(node) in ("idle", "mixed", "allocated"),
+                       timeout=timeout)
+
+    def stop(self) -> None:
+        """As SlurmCluster.stop, then SIGKILL whatever is still running in the nodes' namespaces
+        (only what the jobs started runs there), so the namespaces can go."""
+        try:
+            super().stop()
+        finally:
+            for node in self.nodes:
+                self.kill_node(node)

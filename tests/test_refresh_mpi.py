@@ -27,7 +27,8 @@ def test_schedule_install_step_and_first_teachers(ranks, np):
 
 # k = 7, burn-in 7, delay 3: refreshes taken at 7, 14, 21, 28 and installed at 10, 17, 24, (31)
 WEIGHTS = ["codistill.mode=weights", "codistill.every=7", "codistill.burn_in_steps=7", "codistill.refresh_delay=3",
-           "data.order=disjoint", "model.name=cnn", "train.epochs=0", "train.eval_every=0", "train.progress=false"]
+           "data.order=disjoint", "model.name=cnn", "train.epochs=0", "train.eval_every=0", "train.progress=false",
+           "optim.lr_schedule=constant"]          # a run extended on resume: a schedule not tied to its length
 
 
 def test_resume_with_a_refresh_in_flight_is_exact(ranks, tmp_path):
@@ -38,7 +39,7 @@ def test_resume_with_a_refresh_in_flight_is_exact(ranks, tmp_path):
 
     train(tmp_path / "cut", "train.steps=16")
     pending = torch.load(tmp_path / "cut" / "checkpoints" / "model_0" / "step_000000016.pt",
-                         weights_only=False)["pending_refresh"]
+                         weights_only=False)["exchange"]["pending_refresh"]
     assert pending["taken_at"] == 14 and pending["install_at"] == 17
     train(tmp_path / "cut", "train.steps=30")
     train(tmp_path / "whole", "train.steps=30", "run.checkpoint_every=16")

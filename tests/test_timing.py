@@ -55,10 +55,11 @@ class FakeRequest:
 
 
 class FakeWorld:
-    """One rank's view of a world whose other ranks post `others` (signal, seconds per step)."""
+    """One rank's view of a world whose other ranks post `others` (signal, seconds per step,
+    non-finite), the guard's message."""
 
     def __init__(self):
-        self.others = np.zeros(2)
+        self.others = np.zeros(3)
         self.posted = []
 
     def Iallreduce(self, send, recv, op):

@@ -35,11 +35,14 @@ def test_group_invariants_every_step(ranks, mode, np):
     assert "invariants ok" in proc.stdout
 
 
-@pytest.mark.parametrize("what", ["predictions", "mismatch", "weights"])
+@pytest.mark.parametrize("what,line", [("predictions", "predictions ok"),
+                                       ("mismatch", "mismatch caught (value, label)"),
+                                       ("weights", "weights ok")])
 @pytest.mark.parametrize("np", [4, 6])
-def test_exchange(ranks, what, np):
-    proc = ranks(np, [str(MPI_DIR / "check_exchange.py"), what, f"codistill.n_models={np // 2}"])
-    assert "ok" in proc.stdout or "caught" in proc.stdout
+def test_exchange(ranks, tmp_path, what, line, np):
+    proc = ranks(np, [str(MPI_DIR / "check_exchange.py"), what, f"codistill.n_models={np // 2}",
+                      f"run.dir={tmp_path}"])
+    assert f"{line}: W={np} M={np // 2}" in proc.stdout.splitlines(), proc.stdout
 
 
 def test_one_model_equals_plain_horovod(ranks, tmp_path):
@@ -124,6 +127,7 @@ def test_resnet50_weights_mode_bf16_smoke(ranks, tmp_path):
     proc = ranks(2, ["-m", "hvcodistill.train", "--config", cfg, f"run.dir={tmp_path}", "data.name=synthetic",
                      "data.synthetic_shape=[3,64,64]", "data.synthetic_train_size=64",
                      "data.synthetic_val_size=16", "train.epochs=0", "train.steps=3", "train.batch_size=4",
+                     "train.device=cpu",                        # the config asks for cuda
                      "codistill.every=2", "codistill.burn_in_steps=0", "data.workers=1", "train.eval_every=0",
                      "train.progress=false"])
     s = json.loads((tmp_path / "summary.json").read_text())

@@ -40,6 +40,8 @@ TOOLS = {"ip": "iproute2", "tc": "iproute2", "unshare": "util-linux"}
 TBF_LATENCY = "50ms"          # longest a packet may queue in tbf before it is dropped
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}  # tc's decimal units
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,31}")
+OOB_KEEPALIVE = ["--mca", "oob_tcp_keepalive_time", "5", "--mca", "oob_tcp_keepalive_intvl", "2",
+                 "--mca", "oob_tcp_keepalive_probes", "3"]
 
 
 class ClusterError(RuntimeError):
@@ -371,6 +373,10 @@ class EmulatedCluster:
                 "--mca", "plm_rsh_no_tree_spawn", "1",
                 "--mca", "btl", "tcp,self,vader",
                 "--mca", "btl_tcp_if_include", *subnet, "--mca", "oob_tcp_if_include", *subnet,
+                # mpirun <-> orted: a node that stops answering (its link cut) is declared lost after
+                # 5 s idle + 3 unanswered probes 2 s apart, and mpirun ends the job, rather than wait
+                # on TCP for many minutes (the ranks' own heartbeat: comm/watchdog.py).
+                *OOB_KEEPALIVE,
                 # Pin MPI_Allreduce to the ring (tuned algorithm 4): its traffic per link is known,
                 # 2 (W-1)/W x the buffer from each rank to the next, so the byte counters can be
                 # checked against it. Open MPI's default picks by message size and mixes algorithms.

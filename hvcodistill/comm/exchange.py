@@ -32,7 +32,7 @@ class BatchMismatchError(RuntimeError):
 
 
 class Exchange:
-    """No coupling (M = 1 or alpha = 0): the plain all-reduce baseline.
+    """What every exchange shares: its counters and timing. Subclasses say what travels.
 
     `traffic` (shared with the trainer) counts what each exchange sends by link; `peers_by_link`
     says how many of this rank's peers sit on its node and on other nodes."""
@@ -75,8 +75,17 @@ class Exchange:
     def load_state_dict(self, state: dict) -> None:
         self.seconds, self.bytes_received, self.count = state["seconds"], state["bytes_received"], state["count"]
 
+    def group_state_dict(self) -> dict:
+        """What every rank of the group holds alike (a checkpoint saves it once); call it after
+        state_dict(), which every rank calls at the same step."""
+        return {}
+
+    def load_group_state_dict(self, state: dict) -> None:
+        pass
+
     def teacher_logits(self, *, step: int, x: torch.Tensor, logits: torch.Tensor,
-                       alpha: float) -> list[torch.Tensor]:
+                       alpha: float, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The teachers' logits for this batch (x, labels y): constants, possibly none."""
         return []
 
     def _allgather_bytes(self, peer, payload: np.ndarray) -> np.ndarray:
@@ -89,6 +98,11 @@ class Exchange:
         # each of the M-1 peers receives this rank's payload: on this node or across the network
         self.traffic.add("exchange", {link: n * payload.nbytes for link, n in self.peers_by_link.items()})
         return out
+
+
+class NoExchange(Exchange):
+    """No coupling (M = 1 or alpha = 0): nothing travels between peers, no teachers; the plain
+    all-reduce baseline, each group exactly an independent Horovod run."""
 
 
 # What logits travel as in predictions mode (codistill.payload_dtype). fp32 is exact; fp16 and bf16
@@ -127,9 +141,11 @@ def payload_checksum(row: np.ndarray) -> int:
 class PredictionExchange(Exchange):
     """Every k steps peers allgather the logits of the batch they all hold (data.order=shared).
 
-    A batch checksum (epoch and sample indices, from `batch_key(step)`) rides in the same buffer,
-    so a peer holding a different batch is caught on every exchange at the cost of 8 bytes; it is
-    computed on exchange steps only. Logits travel as `payload_dtype` (fp32: exact, the default;
+    A batch checksum rides in the same buffer: the plan (epoch and sample indices, from
+    `batch_key(step)`) and the content actually delivered (the labels y and an exact digest of
+    every input value of x: data.sharding.content_digest), so a peer holding a different batch,
+    or the same samples read from different data, is caught on every exchange at the cost of
+    8 bytes; it is computed on exchange steps only (given no x and y, the plan only). Logits travel as `payload_dtype` (fp32: exact, the default;
     fp16/bf16: half the bytes) and come back as float32. `seconds` covers the whole exchange:
     checksum, cast and copy to the host, allgather, unpacking and the copy back to the device.
     """
@@ -142,11 +158,12 @@ class PredictionExchange(Exchange):
         self.peer, self.model_id, self.every, self.batch_key = peer, model_id, every, batch_key
         self.payload_dtype = payload_dtype
 
-    def teacher_logits(self, *, step, x, logits, alpha):
+    def teacher_logits(self, *, step, x, logits, alpha, y=None):
         if alpha == 0 or not itstime(step, self.every):
             return []
         with self._timed(logits.device):
-            payload = pack_logits(logits, self.payload_dtype, batch_checksum(*self.batch_key(step)))
+            checksum = batch_checksum(*self.batch_key(step), x=x, y=y)
+            payload = pack_logits(logits, self.payload_dtype, checksum)
             rows = self._allgather_bytes(self.peer, payload)
             sums = [payload_checksum(row) for row in rows]
             if len(set(sums)) != 1:
@@ -337,7 +354,7 @@ class WeightExchange(Exchange):
             self._start(taken_at=step, install_at=step)
             self._install()
 
-    def teacher_logits(self, *, step, x, logits, alpha):
+    def teacher_logits(self, *, step, x, logits, alpha, y=None):
         # timed as exchange: the copies to and from the device (those sync with it), the Test()s
         if self.refreshes_at(step):
             with self._timed(x.device):
@@ -372,11 +389,23 @@ class WeightExchange(Exchange):
                              "stage": self._DONE, "request": None}
 
     def state_dict(self) -> dict:
+        """This rank's counters. A refresh in flight completes first (its non-blocking peer_comm
+        and group_comm collectives): every rank of the world calls this at the same step."""
+        self.finish()
         return {**super().state_dict(), "installed_from": self.installed_from, "wait_seconds": self.wait_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.installed_from, self.wait_seconds = state.get("installed_from"), state.get("wait_seconds", 0.0)
+
+    def group_state_dict(self) -> dict:
+        """The teachers and a refresh not yet installed: the same on every rank of the group."""
+        return {"teachers": [t.state_dict() for t in self.teachers], "pending_refresh": self.pending_state()}
+
+    def load_group_state_dict(self, state: dict) -> None:
+        for teacher, teacher_state in zip(self.teachers, state["teachers"]):
+            teacher.load_state_dict(teacher_state)
+        self.load_pending_state(state.get("pending_refresh"))
 
 
 def _finish_at_exit(ref) -> None:
@@ -396,7 +425,7 @@ def make_exchange(*, mode: str, n_models: int, alpha: float, every: int, peer, m
     the schedule: `burn_in_steps`, `refresh_delay` (config.py resolves their defaults)."""
     counting = {"traffic": traffic, "peers_by_link": peers_by_link}
     if n_models == 1 or alpha == 0:
-        return Exchange(**counting)
+        return NoExchange(**counting)
     if mode == "predictions":
         return PredictionExchange(peer, model_id, every, batch_key, payload_dtype=payload_dtype, **counting)
     return WeightExchange(peer, model_id, every, model, group=group, group_by_link=group_by_link,

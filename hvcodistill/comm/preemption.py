@@ -11,6 +11,9 @@ or with every = 0 (the default) after about CHECK_SECONDS of training: the same 
 each rank's recent time per step, and the interval in steps is computed from the slowest rank's,
 which every rank receives at the same check, so the cadence is identical on all ranks. A signal
 stops the run within two check intervals (about 0.2 s with the default) plus the step under way.
+
+Checks happen between steps, so a signal before the first step (set-up) or while a rank is stuck
+inside a step is the Watchdog's (comm/watchdog.py): it ends the run from its own thread.
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ class PreemptionGuard:
         self.world = world
         self.every = every                           # steps between checks; 0: every CHECK_SECONDS
         self.flag = np.zeros(1, dtype=np.int32)      # set by the handler
-        self._send = np.zeros(2, dtype=np.float64)   # [signal, seconds per step]; untouched in flight
-        self._recv = np.zeros(2, dtype=np.float64)
+        self.nonfinite = lambda: False               # has this rank seen a NaN/Inf? (set by the trainer)
+        # [signal, seconds per step, non-finite]; untouched in flight
+        self._send = np.zeros(3, dtype=np.float64)
+        self._recv = np.zeros(3, dtype=np.float64)
         self._request = None
         self._next = None                            # step of the next check; None: the first call
         self._last = None                            # (step, time) of the last check
@@ -52,14 +57,16 @@ class PreemptionGuard:
         if self._request is not None:
             self._request.Wait()
             self._request = None
-            if self._recv[0]:
+            if self._recv[0] or self._recv[2]:
                 return True             # every rank sees the same result: none posts another
         self._next = step + self._interval(float(self._recv[1]))     # the same on every rank
         self._send[0] = self.flag[0]
+        self._send[2] = float(bool(self.nonfinite()))
         self._send[1] = (now - self._last[1]) / (step - self._last[0]) \
             if self._last is not None and step > self._last[0] else 0.0
         self._last = (step, now)
-        # COMM_WORLD: has any rank been signalled, and how long do the slowest rank's steps take?
+        # COMM_WORLD: has any rank been signalled or seen a NaN/Inf, and how long do the slowest
+        # rank's steps take?
         # Read at the next check, so no rank waits now.
         self._request = self.world.Iallreduce(self._send, self._recv, op=MPI.MAX)
         return False
@@ -72,8 +79,19 @@ class PreemptionGuard:
             return 1
         return max(1, int(self.CHECK_SECONDS / step_seconds))
 
+    @property
+    def saw_nonfinite(self) -> bool:
+        """The agreed result says some rank saw a NaN/Inf (training/finite.py): no checkpoint."""
+        return bool(self._recv[2])
+
     def signal_name(self) -> str:
         return signal.Signals(int(self._recv[0])).name if self._recv[0] else "none"
+
+    @property
+    def started(self) -> bool:
+        """This rank has finished its first step (its first check): from here on a stop signal is
+        this guard's to act on; before, during set-up, the Watchdog's (comm/watchdog.py)."""
+        return self._last is not None
 
     def close(self, wait: bool = True) -> None:
         """Finish the last all-reduce (not when failing: peers may be gone) and restore handlers."""

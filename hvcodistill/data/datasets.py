@@ -25,6 +25,9 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
 SYNTHETIC_DEFAULTS: dict[str, Any] = {"shape": [3, 32, 32], "num_classes": 10, "train_size": 1024, "val_size": 256}
+# the config key behind each, named in errors
+SYNTHETIC_KEYS = {"shape": "data.synthetic_shape", "num_classes": "data.synthetic_classes",
+                  "train_size": "data.synthetic_train_size", "val_size": "data.synthetic_val_size"}
 DIGITS_VAL_SIZE = 360
 # The canonical MNIST-1D (mnist1d's get_dataset_args(), less its download url): 5000 signals,
 # 80% train. Fixed here, so a later package with other defaults cannot change the set silently.
@@ -121,13 +124,23 @@ class TransformBatchDataset(BatchDataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def sample_path(self, i: int) -> str:
+        """Sample i's file (ImageFolder), else its index, for errors."""
+        samples = getattr(self.base, "samples", None)
+        return repr(samples[i][0]) if samples else f"sample {i}"
+
     def fetch(self, epoch: int, indices: torch.Tensor) -> Batch:
         xs, ys = [], []
         for i in indices.tolist():
             with torch.random.fork_rng(devices=[]):
                 # Seed only the CPU generator: torch.manual_seed would also reseed CUDA generators.
                 torch.default_generator.manual_seed(mix_seed(self.seed, epoch, i))
-                x, y = self.base[i]
+                try:
+                    x, y = self.base[i]
+                except (OSError, ValueError) as e:   # PIL: not an image, truncated, unreadable
+                    why = ("PIL does not recognise its format" if type(e).__name__ == "UnidentifiedImageError"
+                           else str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    raise ConfigError(f"data.path: {self.sample_path(i)} cannot be read as an image: {why}") from None
             xs.append(x)
             ys.append(int(y))
         return torch.stack(xs).float(), torch.tensor(ys, dtype=torch.int64)
@@ -161,8 +174,11 @@ def build_datasets(name: str, *, path: str = "", seed: int = 0, augment: bool = 
     raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATA_NAMES)}")
 
 
-def _tensor_spec(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> DataSpec:
-    num_classes = int(max(y_train.max(), y_val.max())) + 1
+def _tensor_spec(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                 num_classes: int | None = None) -> DataSpec:
+    """In-memory splits; num_classes defaults to the largest label + 1 over both."""
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), y_val.max())) + 1
     train = TensorBatchDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
     val = TensorBatchDataset(torch.from_numpy(x_val), torch.from_numpy(y_val))
     return DataSpec(train, val, tuple(x_train.shape[1:]), num_classes)
@@ -246,15 +262,17 @@ def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
 def _synthetic(cfg: Mapping[str, Any], seed: int) -> DataSpec:
     unknown = sorted(set(cfg) - set(SYNTHETIC_DEFAULTS))
     if unknown:
-        raise ConfigError(f"data.synthetic: unknown key(s) {unknown}; allowed: {', '.join(SYNTHETIC_DEFAULTS)}")
-    cfg = {**SYNTHETIC_DEFAULTS, **cfg}
+        raise ConfigError(f"data.synthetic_*: build_datasets got unknown synthetic key(s) {unknown}; "
+                          f"allowed: {', '.join(SYNTHETIC_DEFAULTS)}")
+    cfg, key = {**SYNTHETIC_DEFAULTS, **cfg}, SYNTHETIC_KEYS
     if not isinstance(cfg["shape"], Sequence) or not cfg["shape"]:
-        raise ConfigError(f"data.synthetic.shape: expected a list of positive integers, got {cfg['shape']!r}")
-    shape = tuple(_positive_int(d, "data.synthetic.shape") for d in cfg["shape"])
-    num_classes = _positive_int(cfg["num_classes"], "data.synthetic.num_classes", minimum=2)
+        raise ConfigError(f"{key['shape']}: expected a list of positive integers, got {cfg['shape']!r}")
+    shape = tuple(_positive_int(d, key["shape"]) for d in cfg["shape"])
+    num_classes = _positive_int(cfg["num_classes"], key["num_classes"], minimum=2)
     if math.prod(shape) < num_classes:
-        raise ConfigError(f"data.synthetic.shape: {list(shape)} has fewer values than num_classes={num_classes}")
-    sizes = {split: _positive_int(cfg[f"{split}_size"], f"data.synthetic.{split}_size") for split in ("train", "val")}
+        raise ConfigError(f"{key['shape']}: {list(shape)} has fewer values than "
+                          f"{key['num_classes']}={num_classes}")
+    sizes = {split: _positive_int(cfg[f"{split}_size"], key[f"{split}_size"]) for split in ("train", "val")}
     train, val = (SyntheticBatchDataset(shape=shape, num_classes=num_classes, size=sizes[split], seed=seed, split=split)
                   for split in ("train", "val"))
     return DataSpec(train, val, shape, num_classes)
@@ -262,7 +280,8 @@ def _synthetic(cfg: Mapping[str, Any], seed: int) -> DataSpec:
 
 def _npz(path: str) -> DataSpec:
     if not path or not os.path.isfile(path):
-        raise ConfigError(f"data.path: npz file {path!r} not found")
+        what = "is a directory, not an .npz file" if path and os.path.isdir(path) else "not found"
+        raise ConfigError(f"data.path: npz file {path!r} {what}")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -274,23 +293,37 @@ def _npz(path: str) -> DataSpec:
             if key not in archive.files:
                 raise ConfigError(f"data.path: {path!r} has no array {key!r} (needs {', '.join(NPZ_KEYS)})")
         try:
-            arrays = {key: archive[key] for key in NPZ_KEYS}
+            arrays = {key: archive[key] for key in (*NPZ_KEYS, "num_classes") if key in archive.files}
         except (OSError, ValueError) as e:  # e.g. object arrays, refused without pickle
             raise ConfigError(f"data.path: cannot read arrays from {path!r}: {e}") from None
+    where = f"data.path: {path!r} array"
+    num_classes = arrays.pop("num_classes", None)       # optional: else the largest label + 1
+    if num_classes is not None:
+        if num_classes.shape != () or num_classes.dtype.kind not in "iu" or num_classes < 2:
+            raise ConfigError(f"{where} 'num_classes' must be one integer >= 2, got {num_classes!r}")
+        num_classes = int(num_classes)
     for split in ("train", "val"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        where = f"data.path: {path!r} array"
         if x.ndim < 2 or x.dtype.kind not in "biuf" or len(x) == 0:
             raise ConfigError(f"{where} 'x_{split}' must be numeric (N, ...) with N > 0, got {x.dtype} {x.shape}")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            # NaN or inf in the inputs trains to a NaN loss, or worse to a model that looks fine
+            bad = np.argwhere(~np.isfinite(x))
+            raise ConfigError(f"{where} 'x_{split}' holds {len(bad)} non-finite value(s) (NaN or inf), "
+                              f"the first at index {tuple(int(i) for i in bad[0])}")
         if y.shape != (len(x),):
             raise ConfigError(f"{where} 'y_{split}' must have shape ({len(x)},) to match 'x_{split}', got {y.shape}")
-        if y.dtype.kind not in "biuf" or (y < 0).any() or (y != np.round(y)).any():
+        if (y.dtype.kind not in "biuf" or not np.isfinite(y).all() or (y < 0).any()
+                or (y != np.round(y)).any()):
             raise ConfigError(f"{where} 'y_{split}' must hold non-negative integer labels")
+        if num_classes is not None and (y >= num_classes).any():
+            raise ConfigError(f"{where} 'y_{split}' holds label {int(y.max())}, outside the class range "
+                              f"[0, {num_classes}) that array 'num_classes' gives")
         arrays[f"x_{split}"], arrays[f"y_{split}"] = x.astype(np.float32), y.astype(np.int64)
     if arrays["x_train"].shape[1:] != arrays["x_val"].shape[1:]:
         raise ConfigError(f"data.path: {path!r} array 'x_val' per-sample shape {arrays['x_val'].shape[1:]} "
                           f"differs from 'x_train' {arrays['x_train'].shape[1:]}")
-    return _tensor_spec(*(arrays[key] for key in NPZ_KEYS))
+    return _tensor_spec(*(arrays[key] for key in NPZ_KEYS), num_classes=num_classes)
 
 
 def _cifar10(path: str, seed: int, augment: bool) -> DataSpec:
@@ -304,8 +337,9 @@ def _cifar10(path: str, seed: int, augment: bool) -> DataSpec:
     try:
         train = datasets.CIFAR10(path, train=True, transform=T.Compose(augmentation + normalize), download=False)
         val = datasets.CIFAR10(path, train=False, transform=T.Compose(normalize), download=False)
-    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
-        raise ConfigError(f"data.path: {path!r}/cifar-10-batches-py is unreadable: {e}") from None
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted" (its advice, download=True, is not ours)
+        raise ConfigError(f"data.path: {os.path.join(path, 'cifar-10-batches-py')!r} is incomplete or corrupted "
+                          "(its md5 sums do not match): unpack cifar-10-python.tar.gz there again") from None
     return DataSpec(TransformBatchDataset(train, seed=seed), TransformBatchDataset(val, seed=seed), (3, 32, 32), 10)
 
 

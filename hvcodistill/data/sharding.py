@@ -70,12 +70,53 @@ class _Keys:
 
 @lru_cache(maxsize=2)
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # modulo 2**64, as torch itself takes a seed (any train.seed gives a valid one; smaller
+    # products, all that fitted before, are unchanged, so the order of existing runs stays)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) & 0xFFFF_FFFF_FFFF_FFFF)
     return torch.randperm(n, generator=g)
 
 
-def batch_checksum(epoch: int, indices: torch.Tensor) -> int:
-    """A cheap fingerprint of a batch (its epoch and sample indices), compared between peers."""
+def batch_checksum(epoch: int, indices: torch.Tensor, x: torch.Tensor | None = None,
+                   y: torch.Tensor | None = None) -> int:
+    """A cheap fingerprint of a batch, compared between peers: the plan (epoch and sample indices)
+    and, given the batch delivered (x, y), its content (`content_digest`), so that peers reading
+    different data of the same shape disagree although they follow the same plan."""
     h = hashlib.blake2b(epoch.to_bytes(8, "little", signed=True), digest_size=8)
     h.update(indices.to(torch.int64).contiguous().numpy().tobytes())
+    if x is not None and y is not None:
+        h.update(content_digest(x, y))
     return int.from_bytes(h.digest(), "little")
+
+
+def content_digest(x: torch.Tensor, y: torch.Tensor) -> bytes:
+    """The labels and, per sample, a weighted sum of the bit patterns of every input value.
+
+    Exact integer arithmetic, on x's device: each value's bits (folded to 32 bits) times a fixed
+    pseudo-random weight, summed in int64 with no overflow (the weights are bounded by the sample
+    size), so the result does not depend on summation order or thread count, and identical
+    batches give identical bytes on any machine. Any change to one value, one label, or the
+    order of the samples changes it (a swap of two values within a sample almost surely). The
+    host copy is 16 bytes per sample: one small transfer, on a step that syncs the device anyway."""
+    bits = _bits32(x.detach().reshape(len(x), -1))
+    sums = (bits * _weights(bits.shape[1], bits.device)).sum(1)
+    return torch.cat([sums, y.detach().reshape(-1).to(torch.int64)]).cpu().numpy().tobytes()
+
+
+def _bits32(x: torch.Tensor) -> torch.Tensor:
+    """Each value's bit pattern as an int64 in [0, 2**32): 4-byte dtypes as they are, 2-byte
+    floats widened to float32 (exact), 8-byte values folded (high word XOR low word)."""
+    if x.dtype in (torch.float16, torch.bfloat16) or x.dtype == torch.bool or x.element_size() == 1:
+        x = x.float()
+    x = x.contiguous()
+    if x.element_size() == 4:
+        return x.view(torch.int32).to(torch.int64) & 0xFFFF_FFFF
+    wide = x.view(torch.int64) if x.element_size() == 8 else x.to(torch.int64)
+    return (wide ^ (wide >> 32)) & 0xFFFF_FFFF
+
+
+@lru_cache(maxsize=8)
+def _weights(n: int, device: torch.device) -> torch.Tensor:
+    """n fixed pseudo-random weights in [1, bound]: n * 2**32 * bound < 2**63, so sums never overflow."""
+    bound = max(1, min(2**16, 2**31 // max(n, 1)))
+    g = torch.Generator().manual_seed(0x6876_6364)
+    return torch.randint(1, bound + 1, (n,), generator=g, dtype=torch.int64).to(device)

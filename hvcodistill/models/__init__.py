@@ -15,13 +15,14 @@ MODEL_NAMES = ("mlp", "cnn", "resnet18_cifar", "resnet50", "resnext101_32x8d")
 
 
 def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
-                hidden: Sequence[int] = (128,)) -> nn.Module:
-    """Return a freshly initialised model mapping (N, *input_shape) to logits (N, num_classes)."""
+                hidden: Sequence[int] = (128,), dropout: float = 0.0) -> nn.Module:
+    """Return a freshly initialised model mapping (N, *input_shape) to logits (N, num_classes).
+    `dropout` (the MLP only) follows each hidden layer; its masks come from torch's global RNG."""
     if name not in MODEL_NAMES:
         raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     input_shape = tuple(int(d) for d in input_shape)
     if name == "mlp":
-        return _mlp(math.prod(input_shape), list(hidden), num_classes)
+        return _mlp(math.prod(input_shape), list(hidden), num_classes, dropout)
     if len(input_shape) != 3 or min(input_shape[1:]) < (8 if name == "cnn" else 1):
         raise ConfigError(f"model.name: {name!r} needs a (C, H, W) input of at least 8x8, got shape {input_shape}")
     channels = input_shape[0]
@@ -35,12 +36,14 @@ def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
     return model
 
 
-def _mlp(in_features: int, hidden: list[int], num_classes: int) -> nn.Module:
+def _mlp(in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0) -> nn.Module:
     if any(int(h) < 1 for h in hidden):
         raise ConfigError(f"model.hidden: sizes must be positive integers, got {hidden}")
     layers: list[nn.Module] = [nn.Flatten()]
     for size in hidden:
         layers += [nn.Linear(in_features, int(size)), nn.ReLU(inplace=True)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
         in_features = int(size)
     layers.append(nn.Linear(in_features, num_classes))
     return nn.Sequential(*layers)

@@ -4,12 +4,13 @@ summary.json. Ranks that write nothing get a writer that does nothing, not `if r
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from hvcodistill.files import write_atomic
 
 
 class NullWriter:
@@ -52,9 +53,7 @@ class RunLogger:
             if path.exists():
                 kept = [line for line in path.read_text().splitlines(keepends=True)
                         if line.strip() and json.loads(line)["step"] <= step]
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text("".join(kept))
-                os.replace(tmp, path)
+                write_atomic(path, "".join(kept).encode())
         self._open(purge_step=step + 1)      # TensorBoard hides its events past `step`
 
     def log(self, step: int, kind: str, scalars: dict) -> list[dict]:
@@ -108,14 +107,8 @@ def group_mean(comm, values: dict) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write, fsync, rename: a reader never sees half a file, a crash never leaves one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`obj` as indented JSON, written by the one atomic-write rule (hvcodistill/files.py)."""
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 class Progress:

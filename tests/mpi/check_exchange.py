@@ -2,7 +2,9 @@
 
 predictions: the logits a rank receives equal what each peer's model computes on the same batch
              (recomputed here from the peer's own seed, independently of the exchange);
-mismatch:    a peer holding a different batch is caught by every rank of that peer_comm;
+mismatch:    a peer whose data differ from its peers' (one input value, or one label, of the batch
+             they share under the same plan) is caught by every rank of that peer_comm, and only
+             there; with identical data nothing is caught;
 weights:     right after a (blocking) refresh every teacher copy equals its peer model: the peer's
              parameters, and its buffers averaged over the peer's group (the teacher is the same on
              every rank of a group; the student's own buffers are untouched).
@@ -14,7 +16,7 @@ import torch
 from mpi4py import MPI
 
 from common import batch, fail, make_trainer
-from hvcodistill.comm.exchange import BatchMismatchError, PredictionExchange
+from hvcodistill.comm.exchange import BatchMismatchError
 from hvcodistill.models import build_model
 from hvcodistill.train import train_step
 
@@ -30,7 +32,7 @@ def state_digest(module):
 what = sys.argv[1]
 mode = "weights" if what == "weights" else "predictions"
 tr = make_trainer(["data.name=digits", "model.name=cnn", f"codistill.mode={mode}", "codistill.every=4",
-                   "train.steps=40", "train.batch_size=16", "optim.lr=0.05", "run.dir=runs/test_exchange",
+                   "train.steps=40", "train.batch_size=16", "optim.lr=0.05",
                    *sys.argv[2:]])
 c, cfg = tr.comms, tr.cfg
 M = c.topology.n_models
@@ -63,24 +65,43 @@ if what == "predictions":
     result = "predictions ok"
 
 elif what == "mismatch":
-    def batch_key(step):
-        epoch, idx = tr.plan.key(step)
-        if c.model_id == M - 1 and c.group_rank == 0:
-            idx = idx.flip(0)      # the last model's group rank 0 holds the batch in another order
-        return epoch, idx
+    # The real exchange, the same plan on every rank: only the content delivered differs. The
+    # last model's group rank 0 reads data that differ from its peers' in one input value (by one
+    # ulp), then in one label, of the batch they share; every rank of that peer_comm must stop,
+    # and no other rank.
+    step = 8                       # an exchange step (every=4)
+    odd = c.model_id == M - 1 and c.group_rank == 0
+    sample = int(tr.plan.key(step)[1][3])
+    data = tr.data.train
 
-    ex = PredictionExchange(c.peer, c.model_id, every=1, batch_key=batch_key)
-    logits = torch.zeros(cfg.train.batch_size, 10)
-    try:
-        ex.teacher_logits(step=3, x=None, logits=logits, alpha=1.0)
-        caught = False
-    except BatchMismatchError as e:
-        caught = "different batches" in str(e)
-    flags = MPI.COMM_WORLD.allgather((c.group_rank, caught))
-    want = [gr == 0 for gr, _ in flags]
-    if [f for _, f in flags] != want:
-        fail(f"mismatch detection per rank {flags}, expected caught exactly on group rank 0's peers")
-    result = "mismatch caught"
+    def exchange_caught():
+        x, y = batch(tr, step)
+        with torch.no_grad():
+            logits = tr.model(x)
+        try:
+            tr.exchange.teacher_logits(step=step, x=x, y=y, logits=logits, alpha=1.0)
+            return False
+        except BatchMismatchError as e:
+            if "different batches" not in str(e):
+                fail(f"unexpected message: {e}")
+            return True
+
+    caught = []
+    for case in ("none", "value", "label"):
+        saved = data.x[sample].clone(), data.y[sample].clone()
+        if odd and case == "value":
+            flat = data.x[sample].view(-1)
+            flat[5] = torch.nextafter(flat[5], torch.tensor(float("inf")))
+        if odd and case == "label":
+            data.y[sample] = (data.y[sample] + 1) % tr.data.num_classes
+        flags = MPI.COMM_WORLD.allgather((c.group_rank, exchange_caught()))
+        data.x[sample], data.y[sample] = saved
+        want = [case != "none" and gr == 0 for gr, _ in flags]
+        if [f for _, f in flags] != want:
+            fail(f"{case}: mismatch detection per rank {flags}, expected {want}")
+        if case != "none":
+            caught.append(case)
+    result = f"mismatch caught ({', '.join(caught)})"
 
 else:
     own_before = {k: v.clone() for k, v in tr.model.state_dict().items()}

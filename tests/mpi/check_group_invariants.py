@@ -11,7 +11,7 @@ mode, n_steps = sys.argv[1], int(sys.argv[2])
 tr = make_trainer(["data.name=digits", "model.name=cnn", f"codistill.mode={mode}", "codistill.every=3",
                    "codistill.alpha=1.0", "codistill.burn_in_steps=2", "train.steps=50",
                    f"data.order={'disjoint' if mode == 'weights' else 'shared'}",
-                   "train.batch_size=16", "optim.lr=0.05", "run.dir=runs/test_invariants", *sys.argv[3:]])
+                   "train.batch_size=16", "optim.lr=0.05", *sys.argv[3:]])
 c = tr.comms
 for step in range(n_steps):
     x, y = batch(tr, step)

@@ -22,7 +22,7 @@ trainer_dtype = sys.argv[1]
 B, STEPS = 16, 5
 tr = make_trainer(["data.name=digits", "model.name=mlp", "codistill.mode=predictions", "codistill.every=1",
                    "codistill.burn_in_steps=0", f"codistill.payload_dtype={trainer_dtype}", "train.steps=10",
-                   f"train.batch_size={B}", "run.dir=runs/test_payload", *sys.argv[2:]])
+                   f"train.batch_size={B}", *sys.argv[2:]])
 c, M = tr.comms, tr.comms.topology.n_models
 C = tr.data.num_classes
 peers = [j for j in range(M) if j != c.model_id]

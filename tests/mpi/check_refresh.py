@@ -20,8 +20,7 @@ from hvcodistill.train import train_step
 n_steps = int(sys.argv[1])
 tr = make_trainer(["data.name=digits", "model.name=cnn", "codistill.mode=weights", "codistill.every=4",
                    "codistill.burn_in_steps=6", "codistill.refresh_delay=2", "codistill.alpha=1.0",
-                   "data.order=disjoint", "train.steps=100", "train.batch_size=16", "optim.lr=0.05",
-                   "run.dir=runs/test_refresh", *sys.argv[2:]])
+                   "data.order=disjoint", "train.steps=100", "train.batch_size=16", "optim.lr=0.05", *sys.argv[2:]])
 c, ex, world = tr.comms, tr.exchange, MPI.COMM_WORLD
 k, burn, d = tr.cfg.codistill.every, tr.cfg.codistill.burn_in_steps, tr.cfg.codistill.refresh_delay
 M, G = c.topology.n_models, c.topology.group_size

@@ -1,0 +1,263 @@
+"""slurm/*.sbatch on a real 2-node SLURM built on the emulated cluster (root only).
+
+Each emulated node (a network namespace with its own hostname, hvcodistill.cluster) runs its own
+slurmd (`slurmd -N node0` / `-N node1`, NodeAddr 198.18.0.1 / .2); slurmctld and every client
+command run on node0 (tests/slurm_cluster.py, EmulatedSlurmCluster). The jobs are 2 nodes x 2
+tasks: codistillation of 2 models x 2 ranks, so with contiguous placement each model has a node to
+itself and only the peer exchange crosses the link between the nodes. Covered:
+- both launchers (srun --mpi=pmix, and mpirun inside the allocation, whose daemons srun starts);
+- placement, from the run's own record (summary.json nodes.hosts / nodes.node_of_rank);
+- SIGUSR1 to the batch shell -> checkpoint -> exit 75 -> scontrol requeue -> resume, with final
+  weights bitwise equal to an uninterrupted run;
+- node1 killed mid-run (SIGKILL to its slurmd, the job step and the ranks): the job ends within 30 s
+  with a reason in its log, and the checkpoints it wrote stay resumable.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hvcodistill.cluster import EmulatedCluster
+from tests.conftest import ROOT, needs_cluster, our_namespaces, run_ranks, unique_name
+from tests.slurm_cluster import TERMINAL_STATES, EmulatedSlurmCluster, SlurmError, ensure_installed
+
+pytestmark = [pytest.mark.slurm, pytest.mark.mpi, needs_cluster]
+
+CODISTILL_SBATCH = ROOT / "slurm" / "codistill.sbatch"
+# Two nodes, 2 tasks of 1 CPU each, no GPUs: command-line options override the scripts' #SBATCH lines.
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=20"]
+QUIET = "train.epochs=0 train.progress=false train.eval_every=0"
+FAIL_FAST_S = 30
+
+
+@pytest.fixture(scope="module")
+def nodes_cluster():
+    """node0 and node1 (namespaces), SLURM on them; everything stopped and removed at the end."""
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    workdir = Path(tempfile.mkdtemp(prefix="hvslurm2-"))   # short: munged's socket path must fit
+    emulated = EmulatedCluster(2, name=unique_name(), state_dir=workdir / "emulated")
+    cluster = None
+    try:
+        emulated.up()
+        cluster = EmulatedSlurmCluster(workdir / "slurm", emulated)
+        cluster.start()
+        yield cluster
+    finally:
+        try:
+            if cluster is not None:
+                cluster.stop()
+        finally:
+            emulated.down(quiet=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+        assert our_namespaces(emulated.name) == [], f"namespaces of {emulated.name} left behind"
+
+
+@pytest.fixture
+def slurm(nodes_cluster):
+    """The cluster with both nodes up and no job left after each test."""
+    for node in nodes_cluster.nodes:
+        nodes_cluster.revive(node)                     # a test may have killed it
+    yield nodes_cluster
+    nodes_cluster.cancel_all()
+
+
+def submit(cluster: EmulatedSlurmCluster, tmp_path: Path, *, launcher: str, overrides: str,
+           config: str = "configs/digits_codistill.yaml") -> tuple[int, Path, Path]:
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    env = {"RUN_DIR": str(run_dir), "OVERRIDES": overrides, "LAUNCHER": launcher, "PYTHON": sys.executable,
+           "CONFIG": config}
+    job, _ = cluster.sbatch([*TWO_NODES, f"--output={out}", "--export=ALL", str(CODISTILL_SBATCH)], env=env,
+                            cwd=tmp_path)
+    return job, run_dir, out
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
+
+
+def finished(cluster, job: int, out: Path, *, timeout: float = 240, until=None) -> dict:
+    try:
+        return cluster.wait_job(job, timeout=timeout, until=until)
+    except SlurmError as e:
+        raise AssertionError(f"{e}\n--- job output ---\n{read(out)}") from None
+
+
+def assert_completed(fields: dict, out: Path, cluster=None) -> str:
+    log = read(out)
+    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", \
+        f"job {fields.get('JobId')} ended {fields.get('JobState')} {fields.get('ExitCode')}\n{log}\n" \
+        f"{cluster.logs() if cluster else ''}"
+    return log
+
+
+def wait_for_training(cluster, job: int, run_dir: Path, out: Path, *, timeout: float = 180) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert cluster.job(job).get("JobState") not in TERMINAL_STATES, f"job ended before training\n{read(out)}"
+        assert time.monotonic() < deadline, f"no metrics after {timeout:.0f}s\n{read(out)}"
+        time.sleep(0.2)
+
+
+def wait_for_line(out: Path, texts: tuple[str, ...], timeout: float = 10) -> bool:
+    """Whether one of `texts` shows up in the job's output within `timeout` (it is written while the
+    job is being torn down, after the state changed)."""
+    deadline = time.monotonic() + timeout
+    while not any(t in read(out) for t in texts):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def assert_contiguous(summary: dict) -> None:
+    """From the run's own record: world ranks 0,1 (model 0) on node0, ranks 2,3 (model 1) on node1."""
+    nodes, topology = summary["nodes"], summary["topology"]
+    assert topology == {"world_size": 4, "n_models": 2, "group_size": 2}
+    assert nodes["count"] == 2 and nodes["hosts"] == ["node0", "node1"], nodes
+    assert nodes["node_of_rank"] == [0, 0, 1, 1], nodes
+    g = topology["group_size"]
+    for model in range(topology["n_models"]):
+        assert len({nodes["node_of_rank"][r] for r in range(model * g, (model + 1) * g)}) == 1, \
+            f"model {model}'s ranks span nodes: {nodes}"
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """overrides -> run dir of the same training run without interruption, started directly with
+    mpirun on this machine (the groups' all-reduces and the exchange give the same bits wherever
+    the ranks sit); computed once for the tests that share the overrides."""
+    runs = {}
+
+    def run(overrides: str) -> Path:
+        if overrides not in runs:
+            run_dir = tmp_path_factory.mktemp("uninterrupted")
+            run_ranks(4, ["-m", "hvcodistill.train", "--config", str(ROOT / "configs" / "digits_codistill.yaml"),
+                          *overrides.split(), f"run.dir={run_dir}"])
+            runs[overrides] = run_dir
+        return runs[overrides]
+
+    return run
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_codistill_sbatch_on_two_nodes(slurm, tmp_path, launcher):
+    """2 nodes x 2 tasks: the job completes, each model's ranks sit on one node, the nodes are the
+    two slurmds' (node0, node1), and bytes crossed between the nodes."""
+    start = time.monotonic()
+    job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=f"{QUIET} train.steps=40")
+    fields = finished(slurm, job, out)
+    log = assert_completed(fields, out)
+    print(f"{launcher}: job {job} on {fields.get('NodeList')} took {time.monotonic() - start:.1f}s")
+    assert fields.get("NodeList") == "node[0-1]" and f"] {launcher} " in log, (fields, log)
+    assert "4 ranks on 2 node(s) [node[0-1]], 2 per node" in log, log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 40
+    assert_contiguous(summary)
+    inter = sum(links["inter_node"] for links in summary["bytes"].values())
+    assert inter > 0, summary["bytes"]
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_preemption_on_two_nodes_requeues_and_resumes_bitwise(slurm, tmp_path, uninterrupted, launcher):
+    """SIGUSR1 to the batch shell on node0 (what --signal=B:USR1 does) reaches the ranks on both
+    nodes; they checkpoint and exit 75, the job is requeued, runs again on both nodes, resumes, and
+    ends with weights bitwise equal to an uninterrupted run."""
+    steps = 600
+    overrides = f"{QUIET} train.steps={steps} train.log_every=10 run.checkpoint_every=0"
+    job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=overrides)
+    wait_for_training(slurm, job, run_dir, out)
+    signalled = time.monotonic()
+    slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    fields = finished(slurm, job, out, timeout=120, until=lambda f: int(f.get("Restarts", "0")) >= 1
+                      or f.get("JobState") in TERMINAL_STATES)
+    print(f"{launcher}: USR1 -> requeued in {time.monotonic() - signalled:.1f}s")
+    assert int(fields.get("Restarts", "0")) >= 1, f"job was not requeued: {fields}\n{read(out)}"
+    checkpoints = sorted((run_dir / "checkpoints").rglob("step_*.pt"))
+    assert {p.parent.name for p in checkpoints} == {"model_0", "model_1"}, (checkpoints, read(out))
+    assert not (run_dir / "summary.json").exists(), "the run had already finished when preempted"
+
+    log = assert_completed(finished(slurm, job, out), out)
+    assert "(exit 75): requeueing job" in log and "restart 1:" in log, log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert_contiguous(summary)
+
+    reference_dir = uninterrupted(overrides)
+    for i in (0, 1):
+        resumed, reference = load(run_dir / f"model_{i}.pt"), load(reference_dir / f"model_{i}.pt")
+        assert resumed.keys() == reference.keys()
+        for name in reference:
+            assert torch.equal(resumed[name], reference[name]), \
+                f"model {i} {name}: the requeued run differs from the uninterrupted one"
+
+
+def newest_complete_step(run_dir: Path) -> int:
+    """The newest step for which every model has a checkpoint (what a resume starts from)."""
+    steps = {}
+    for path in (run_dir / "checkpoints").glob("model_*/step_*.pt"):
+        steps.setdefault(path.parent.name, set()).add(int(path.stem.removeprefix("step_")))
+    common = set.intersection(*steps.values()) if len(steps) == 2 else set()
+    return max(common, default=0)
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_killed_node_ends_the_job_fast(slurm, tmp_path, launcher):
+    """node1 dies mid-run (SIGKILL to everything in its namespace: slurmd, the step, ranks 2 and 3).
+    The job stops running within 30 s and is requeued (srun: SLURM's NODE_FAIL) or fails with the
+    reason in its log (mpirun: the lost daemon); nothing is lost past the newest checkpoint: once
+    node1 is back, the requeued job, or the same command again, resumes from that checkpoint and
+    completes."""
+    steps = 200
+    overrides = f"{QUIET} train.steps={steps} train.log_every=10 run.checkpoint_every=20"
+    job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=overrides)
+    wait_for_training(slurm, job, run_dir, out)
+    deadline = time.monotonic() + 120
+    while newest_complete_step(run_dir) == 0:
+        assert time.monotonic() < deadline, f"no checkpoint of both models after 120s\n{read(out)}"
+        time.sleep(0.2)
+    killed = time.monotonic()
+    slurm.kill_node("node1")
+    fields = finished(slurm, job, out, timeout=120, until=lambda f: f.get("JobState") != "RUNNING")
+    took = time.monotonic() - killed
+    log = read(out)
+    newest = newest_complete_step(run_dir)
+    print(f"{launcher}: node1 killed -> job {fields.get('JobState')} (exit {fields.get('ExitCode')}, "
+          f"restarts {fields.get('Restarts')}) after {took:.1f}s; newest checkpoint step {newest}\n{log[-1500:]}")
+    assert took < FAIL_FAST_S, f"job still running {took:.0f}s after node1 died: {fields}\n{log}"
+    assert not (run_dir / "summary.json").exists(), (fields, log)
+    if int(fields.get("Restarts", "0")) >= 1:
+        # requeued by SLURM: slurmctld declared node1 DOWN (SlurmdTimeout) and ended the job as
+        # NODE_FAIL (srun today: the ranks on node0 wait for their peers until then)
+        assert wait_for_line(out, ("Node failure on node1", "DUE TO NODE FAILURE")), read(out)
+    else:
+        # ended by the launcher, which says why (mpirun: its daemon on node1 is gone), and the script
+        fields = finished(slurm, job, out, timeout=60)
+        log = read(out)
+        assert fields.get("JobState") == "FAILED" and fields.get("ExitCode") != "0:0", (fields, log)
+        assert "launcher exited" in log, log
+        if launcher == "mpirun":
+            assert "ORTE has lost communication with a remote daemon" in log, log
+
+    # node1 comes back: the requeued job starts again by itself, or the same command is run again;
+    # either resumes from the newest complete checkpoint and runs to the end
+    slurm.revive("node1")
+    if int(fields.get("Restarts", "0")) == 0:
+        job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=overrides)
+    assert_completed(finished(slurm, job, out), out, slurm)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["resumed_from_step"] == newest, (summary, read(out))
+    assert_contiguous(summary)
