@@ -35,11 +35,15 @@ class CodistillConfig:
     # predictions mode: the dtype logits travel in. fp32 exact; fp16 | bf16 half the bytes (the
     # received logits are the peer's rounded to that dtype, widened back to fp32 for the loss)
     payload_dtype: str = "fp32"
+    # predictions mode: 0 sends every logit; k > 0 sends per row (sample, or token of a language
+    # model) only the k largest log-probabilities (in payload_dtype) and their int32 indices; the
+    # receiver spreads the rest of the mass evenly over the other classes (comm/topk.py)
+    topk: int = 0
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"               # digits | mnist1d | synthetic | npz | cifar10 | imagenet
+    name: str = "digits"               # digits | mnist1d | synthetic | npz | cifar10 | imagenet | text | tokens
     path: str = ""                     # .npz file, CIFAR-10 folder or ImageFolder root (mnist1d: cache folder)
     order: str = "shared"              # shared: peers see identical batches | disjoint: different ones
     augment: bool = False              # random crops/flips (cifar10, imagenet)
@@ -52,10 +56,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"                  # mlp | cnn | resnet18_cifar | resnet50 | resnext101_32x8d
+    name: str = "mlp"                  # mlp | cnn | resnet18_cifar | resnet50 | resnext101_32x8d | transformer_lm
     hidden: list[int] = field(default_factory=lambda: [128])   # the MLP's hidden sizes
     init_seed: Optional[int] = None    # model i starts from (init_seed or train.seed) + i
-    dropout: float = 0.0               # the MLP's dropout after each hidden layer, in [0, 1)
+    dropout: float = 0.0               # the MLP's dropout after each hidden layer, in [0, 1) (also transformer_lm)
+    # transformer_lm: blocks, attention heads, width, context (tokens per window; the data's windows)
+    layers: int = 2
+    heads: int = 4
+    width: int = 128
+    context: int = 64
 
 
 @dataclass
@@ -118,9 +127,9 @@ CHOICES = {
     "codistill.mode": ("predictions", "weights"),
     "codistill.distance": ("kl", "ce", "mse"),
     "codistill.payload_dtype": ("fp32", "fp16", "bf16"),
-    "data.name": ("digits", "mnist1d", "synthetic", "npz", "cifar10", "imagenet"),
+    "data.name": ("digits", "mnist1d", "synthetic", "npz", "cifar10", "imagenet", "text", "tokens"),
     "data.order": ("shared", "disjoint"),
-    "model.name": ("mlp", "cnn", "resnet18_cifar", "resnet50", "resnext101_32x8d"),
+    "model.name": ("mlp", "cnn", "resnet18_cifar", "resnet50", "resnext101_32x8d", "transformer_lm"),
     "optim.name": ("sgd", "adamw"),
     "optim.unit": ("epochs", "steps"),
     "optim.lr_schedule": ("step", "cosine", "constant"),
@@ -246,11 +255,14 @@ def validate(cfg: Config) -> None:
     c, t, o = cfg.codistill, cfg.train, cfg.optim
     resolve_codistill_defaults(c)
     positive = {"codistill.every": c.every, "train.batch_size": t.batch_size,
+                "model.layers": cfg.model.layers, "model.heads": cfg.model.heads,
+                "model.width": cfg.model.width, "model.context": cfg.model.context,
                 "train.log_every": t.log_every, "run.keep_checkpoints": cfg.run.keep_checkpoints}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key {key} must be >= 1, got {value}")
     non_negative = {"codistill.alpha": c.alpha, "codistill.burn_in_steps": c.burn_in_steps,
+                    "codistill.topk": c.topk,
                     "train.steps": t.steps, "train.epochs": t.epochs, "train.eval_every": t.eval_every,
                     "optim.warmup": o.warmup, "optim.weight_decay": o.weight_decay,
                     "data.workers": cfg.data.workers, "run.checkpoint_every": cfg.run.checkpoint_every,
@@ -293,8 +305,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key model.hidden must be a list of positive integers, got {cfg.model.hidden}")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"config key model.dropout must be in [0, 1), got {cfg.model.dropout}")
-    if cfg.model.dropout and cfg.model.name != "mlp":
-        raise ConfigError(f"config key model.dropout applies to model.name=mlp only, got {cfg.model.name}")
+    if cfg.model.dropout and cfg.model.name not in ("mlp", "transformer_lm"):
+        raise ConfigError(f"config key model.dropout applies to model.name=mlp or transformer_lm only, "
+                          f"got {cfg.model.name}")
+    if cfg.model.width % cfg.model.heads:
+        raise ConfigError(f"config key model.width={cfg.model.width} must be a multiple of model.heads={cfg.model.heads}")
+    language = cfg.data.name in ("text", "tokens")
+    if language != (cfg.model.name == "transformer_lm"):
+        raise ConfigError(f"config key model.name={cfg.model.name} does not fit data.name={cfg.data.name}: "
+                          "token data (text, tokens) goes with transformer_lm, and only it")
 
 
 def resolve_codistill_defaults(c: CodistillConfig) -> None:

@@ -152,14 +152,16 @@ def prepare(args, world_size: int, world_rank: int):
     d, t = cfg.data, cfg.train
     data = build_datasets(d.name, path=d.path, seed=t.seed, augment=d.augment,
                           synthetic={"shape": d.synthetic_shape, "num_classes": d.synthetic_classes,
-                                     "train_size": d.synthetic_train_size, "val_size": d.synthetic_val_size})
+                                     "train_size": d.synthetic_train_size, "val_size": d.synthetic_val_size},
+                          context=cfg.model.context)
     plan = BatchPlan(n_samples=len(data.train), batch_size=t.batch_size, group_size=topo.group_size,
                      group_rank=group_rank, n_models=topo.n_models, model_id=model_id, order=d.order,
                      seed=t.seed)
     # Models start from different seeds, so they differ; ranks of one group start identical.
     torch.manual_seed((t.seed if cfg.model.init_seed is None else cfg.model.init_seed) + model_id)
     model = build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
-                        hidden=cfg.model.hidden, dropout=cfg.model.dropout)
+                        hidden=cfg.model.hidden, dropout=cfg.model.dropout, layers=cfg.model.layers,
+                        heads=cfg.model.heads, width=cfg.model.width)
     # From here on, torch's global RNG (dropout masks, on CPU and GPU) is this rank's own stream:
     # ranks of a group see different samples and must not draw identical masks. Checkpoints keep
     # every rank's RNG state, so a resumed run continues each stream exactly.
@@ -353,7 +355,7 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
                              peers_by_link=allgather_sends(comms.peer_ranks, comms.world_rank, 1, comms.nodes),
                              group=comms.group, group_by_link=allgather_sends(comms.group_ranks, comms.world_rank, 1, comms.nodes),
                              burn_in_steps=c.burn_in_steps, refresh_delay=c.refresh_delay,
-                             payload_dtype=c.payload_dtype)
+                             payload_dtype=c.payload_dtype, topk=c.topk)
 
     run_dir = Path(cfg.run.dir)      # checked and made by open_run_dir(), before the agreement
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
@@ -422,7 +424,7 @@ def train(tr: Trainer, guard) -> None:
             timer.lap("data_s")                 # waiting for the loader, and the copy to the device
             lr, wd = tr.lr(step), tr.wd(step)
             set_hyperparameters(tr.optimizer, lr=lr, weight_decay=wd)
-            window.add(train_step(tr, step, x, y), len(y))
+            window.add(train_step(tr, step, x, y), y.numel())   # samples, or tokens of a language model
             timer.lap("compute_s")              # less the all-reduce wait and the exchange inside
             done = step + 1
             if itstime(done, t.log_every, total_steps=tr.total_steps, first=False, last=True):
@@ -515,10 +517,10 @@ def window_bytes(traffic: Traffic, before: list, n_steps: int, group_size: int) 
 
 
 def validate(tr: Trainer, step: int) -> dict:
-    from hvcodistill.training.evaluate import evaluate
+    from hvcodistill.training.evaluate import evaluate, evaluate_lm
 
     with averaged_buffers(tr):
-        result = evaluate(tr.model, tr.data.val, tr.comms, device=tr.device, workers=tr.cfg.data.workers,
+        result = (evaluate_lm if tr.data.sequence else evaluate)(tr.model, tr.data.val, tr.comms, device=tr.device, workers=tr.cfg.data.workers,
                           autocast=tr.autocast, traffic=tr.traffic)
     tr.logger.log(step, "val", result)
     return result
@@ -562,8 +564,10 @@ def summarize(tr: Trainer, final: dict) -> dict | None:
     n = len(times)
     timing = dict(zip((*Timer.PARTS, "loop_s"), (total[:n] / topo.world_size).tolist()))
     moved = Traffic.unflat(total[n + 2:])
-    models = world.gather({"id": tr.comms.model_id, "val_accuracy": final["val_accuracy"],
-                           "val_loss": final["val_loss"]} if tr.comms.group_rank == 0 else None, root=0)
+    mine = {"id": tr.comms.model_id, "val_accuracy": final["val_accuracy"], "val_loss": final["val_loss"]}
+    if "val_perplexity" in final:                   # a language model: next-token figures
+        mine["val_perplexity"] = final["val_perplexity"]
+    models = world.gather(mine if tr.comms.group_rank == 0 else None, root=0)
     if world.Get_rank() != 0:
         return None
     w = topo.world_size
@@ -580,6 +584,8 @@ def summarize(tr: Trainer, final: dict) -> dict | None:
         "models": sorted((m for m in models if m), key=lambda m: m["id"]),
         "ensemble_val_accuracy": final["ensemble_val_accuracy"],
         "disagreement": final["disagreement"],
+        # a language model: the ensemble's next-token loss and perplexity (mean of the models' probabilities)
+        **{k: final[k] for k in ("ensemble_val_loss", "ensemble_val_perplexity") if k in final},
         # mean per rank; the parts add up to loop_s (README: "What a run leaves")
         "timing": {**timing, "step_s": timing["loop_s"] / max(1, tr.total_steps)},
         "exchanged_bytes": int(total[n]),
@@ -666,9 +672,16 @@ def _run(args, world, guard, watchdog, start: float) -> int:
     tr.logger.close()
     watchdog.close()                      # COMM_WORLD: every rank is here, the job is done
     if summary is not None:
-        accs = ", ".join(f"model {m['id']} {m['val_accuracy']:.4f}" for m in summary["models"])
-        print(f"hvcodistill: done in {summary['wall_seconds']:.1f}s, {summary['steps']} steps; "
-              f"val accuracy {accs}; ensemble {summary['ensemble_val_accuracy']:.4f}; "
+        models = summary["models"]
+        if "ensemble_val_perplexity" in summary:        # a language model: next-token figures
+            perplexities = ", ".join(f"{m['val_perplexity']:.2f}" for m in models)
+            figures = ("val loss " + ", ".join(f"model {m['id']} {m['val_loss']:.4f}" for m in models)
+                       + f" (perplexity {perplexities}); "
+                       f"ensemble perplexity {summary['ensemble_val_perplexity']:.2f}")
+        else:
+            figures = ("val accuracy " + ", ".join(f"model {m['id']} {m['val_accuracy']:.4f}" for m in models)
+                       + f"; ensemble {summary['ensemble_val_accuracy']:.4f}")
+        print(f"hvcodistill: done in {summary['wall_seconds']:.1f}s, {summary['steps']} steps; {figures}; "
               f"disagreement {summary['disagreement']:.4f}; summary {tr.run_dir / 'summary.json'}",
               flush=True)
     tr.hvd.shutdown()

@@ -213,3 +213,49 @@ def test_token_rows_and_counts_match_a_brute_force_ensemble(tmp_path):
         assert ens_nll == pytest.approx(-ens[torch.arange(n), y].log().sum().item(), rel=1e-5)
         assert ens_correct == (ens.argmax(-1) == y).sum().item()
         assert disagree == (probs[0].argmax(-1) != probs[1].argmax(-1)).sum().item()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=transformer_lm"], "does not fit data.name=digits"),
+    (["data.name=text"], "model.name=mlp does not fit data.name=text"),
+    (["data.name=text", "model.name=transformer_lm", "model.width=30", "model.heads=4"], "multiple of model.heads"),
+    (["data.name=text", "model.name=transformer_lm", "model.context=0"], "model.context must be >= 1"),
+    (["codistill.topk=-1"], "codistill.topk must be >= 0"),
+])
+def test_language_model_config_errors_name_the_key(overrides, message):
+    from hvcodistill.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["train.steps=10", *overrides])
+
+
+def test_top_k_payload_round_trip_through_the_exchange_packing():
+    """What a peer unpacks from a top-k payload row is the rebuilt teacher, checksum intact."""
+    from hvcodistill.comm.exchange import pack_topk, payload_checksum, unpack_topk
+
+    torch.manual_seed(4)
+    logits = torch.randn(3, 5, 50)
+    row = pack_topk(logits, 8, "fp16", checksum=0xDEADBEEF)
+    assert row.nbytes == 3 * 5 * 8 * (2 + 4) + 8
+    assert payload_checksum(row) == 0xDEADBEEF
+    got = unpack_topk(row, 8, "fp16", logits.shape, torch.device("cpu"))
+    expected = topk_teacher_logits(*topk_payload(logits, 8, torch.float16), 50)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_gpt2_small_recipe_is_gpt2_small():
+    """configs/lm_gpt2_small_codistill.yaml builds GPT-2 small (124 M parameters with the 50257-token
+    vocabulary, tied embeddings), in bf16, weights mode with a burn-in, for 16 GPUs."""
+    from pathlib import Path
+
+    from hvcodistill.config import load_config
+    from hvcodistill.models import build_model
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "lm_gpt2_small_codistill.yaml"))
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, input_shape=(cfg.model.context,), num_classes=50257,
+                            layers=cfg.model.layers, heads=cfg.model.heads, width=cfg.model.width)
+    n = sum(p.numel() for p in model.parameters())
+    assert 124_000_000 < n < 125_000_000, n
+    assert cfg.train.amp == "bf16" and cfg.codistill.mode == "weights" and cfg.codistill.burn_in_steps > 0
+    assert cfg.train.device == "cuda" and cfg.data.name == "tokens"

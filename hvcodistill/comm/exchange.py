@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hvcodistill.comm.topk import INDEX_DTYPE, topk_payload, topk_teacher_logits
 from hvcodistill.comm.traffic import Traffic
 from hvcodistill.data.sharding import batch_checksum
 from hvcodistill.training.schedules import itstime
@@ -127,6 +128,31 @@ def pack_logits(logits: torch.Tensor, payload_dtype: str, checksum: int) -> np.n
     return out
 
 
+def pack_topk(logits: torch.Tensor, k: int, payload_dtype: str, checksum: int) -> np.ndarray:
+    """A top-k payload (comm/topk.py): per row of the logits (..., C), its k largest
+    log-probabilities in `payload_dtype`, then their int32 indices, then the batch checksum."""
+    values, indices = topk_payload(logits, k, PAYLOAD_DTYPES[payload_dtype])
+    parts = [values.contiguous().view(-1).view(torch.uint8), indices.contiguous().view(-1).view(torch.uint8)]
+    payload = torch.empty(sum(p.numel() for p in parts) + _CHECKSUM_BYTES, dtype=torch.uint8)
+    payload[:parts[0].numel()].copy_(parts[0])
+    payload[parts[0].numel():-_CHECKSUM_BYTES].copy_(parts[1])
+    out = payload.numpy()
+    out[-_CHECKSUM_BYTES:] = np.array([checksum], dtype="<u8").view(np.uint8)
+    return out
+
+
+def unpack_topk(row: np.ndarray, k: int, payload_dtype: str, shape, device: torch.device) -> torch.Tensor:
+    """A peer's teacher logits (float32 log-probabilities, the rest of the mass spread evenly)
+    from its top-k payload row."""
+    rows = int(np.prod(shape[:-1]))
+    dtype = PAYLOAD_DTYPES[payload_dtype]
+    n_values = rows * k * torch.finfo(dtype).bits // 8
+    raw = torch.from_numpy(row[:-_CHECKSUM_BYTES].copy())
+    values = raw[:n_values].view(dtype).view(*shape[:-1], k).to(device)
+    indices = raw[n_values:].view(INDEX_DTYPE).view(*shape[:-1], k).to(device)
+    return topk_teacher_logits(values, indices, shape[-1])
+
+
 def unpack_logits(row: np.ndarray, payload_dtype: str, shape, device: torch.device) -> torch.Tensor:
     """A peer's logits from its payload row: float32 on `device`, for the loss (host -> device in
     the payload dtype, widened there)."""
@@ -151,19 +177,21 @@ class PredictionExchange(Exchange):
     """
 
     def __init__(self, peer, model_id: int, every: int, batch_key: Callable[[int], tuple],
-                 payload_dtype: str = "fp32", **counting):
+                 payload_dtype: str = "fp32", topk: int = 0, **counting):
         super().__init__(**counting)
         if payload_dtype not in PAYLOAD_DTYPES:
             raise ValueError(f"payload_dtype must be one of {', '.join(PAYLOAD_DTYPES)}, got {payload_dtype!r}")
         self.peer, self.model_id, self.every, self.batch_key = peer, model_id, every, batch_key
-        self.payload_dtype = payload_dtype
+        self.payload_dtype, self.topk = payload_dtype, topk     # topk 0: every logit
 
     def teacher_logits(self, *, step, x, logits, alpha, y=None):
         if alpha == 0 or not itstime(step, self.every):
             return []
         with self._timed(logits.device):
             checksum = batch_checksum(*self.batch_key(step), x=x, y=y)
-            payload = pack_logits(logits, self.payload_dtype, checksum)
+            k = min(self.topk, logits.shape[-1])
+            payload = (pack_topk(logits, k, self.payload_dtype, checksum) if k
+                       else pack_logits(logits, self.payload_dtype, checksum))
             rows = self._allgather_bytes(self.peer, payload)
             sums = [payload_checksum(row) for row in rows]
             if len(set(sums)) != 1:
@@ -171,8 +199,9 @@ class PredictionExchange(Exchange):
                     f"step {step}: peers hold different batches (checksums {[hex(s) for s in sums]}); "
                     "predictions mode needs data.order=shared and identical data on every peer",
                     report=self.model_id == 0)
-            return [unpack_logits(rows[m], self.payload_dtype, logits.shape, logits.device)
-                    for m in range(len(rows)) if m != self.model_id]
+            unpack = ((lambda row: unpack_topk(row, k, self.payload_dtype, logits.shape, logits.device)) if k else
+                      (lambda row: unpack_logits(row, self.payload_dtype, logits.shape, logits.device)))
+            return [unpack(rows[m]) for m in range(len(rows)) if m != self.model_id]
 
 
 class WeightExchange(Exchange):
@@ -419,7 +448,8 @@ def _finish_at_exit(ref) -> None:
 def make_exchange(*, mode: str, n_models: int, alpha: float, every: int, peer, model_id: int,
                   model: torch.nn.Module, batch_key: Callable[[int], tuple], traffic: Traffic | None = None,
                   peers_by_link: dict | None = None, group=None, group_by_link: dict | None = None,
-                  burn_in_steps: int = 0, refresh_delay: int = 0, payload_dtype: str = "fp32") -> Exchange:
+                  burn_in_steps: int = 0, refresh_delay: int = 0, payload_dtype: str = "fp32",
+                  topk: int = 0) -> Exchange:
     """The exchange for this run. Weights mode also needs `group` (group_comm, for the sharded
     refresh), `group_by_link` (how many of this rank's group sit on its node and on others), and
     the schedule: `burn_in_steps`, `refresh_delay` (config.py resolves their defaults)."""
@@ -427,6 +457,7 @@ def make_exchange(*, mode: str, n_models: int, alpha: float, every: int, peer, m
     if n_models == 1 or alpha == 0:
         return NoExchange(**counting)
     if mode == "predictions":
-        return PredictionExchange(peer, model_id, every, batch_key, payload_dtype=payload_dtype, **counting)
+        return PredictionExchange(peer, model_id, every, batch_key, payload_dtype=payload_dtype, topk=topk,
+                                  **counting)
     return WeightExchange(peer, model_id, every, model, group=group, group_by_link=group_by_link,
                           burn_in_steps=burn_in_steps, refresh_delay=refresh_delay, **counting)

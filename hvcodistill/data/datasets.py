@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from hvcodistill.errors import ConfigError
 
-DATA_NAMES = ("digits", "mnist1d", "synthetic", "npz", "cifar10", "imagenet")
+DATA_NAMES = ("digits", "mnist1d", "synthetic", "npz", "cifar10", "imagenet", "text", "tokens")
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -150,15 +150,21 @@ class TransformBatchDataset(BatchDataset):
 class DataSpec:
     train: BatchDataset
     val: BatchDataset
-    input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8)
-    num_classes: int
+    input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8); token windows: (context,)
+    num_classes: int              # token data: the vocabulary size
+    sequence: bool = False        # token windows (targets (N, T), logits (N, T, V)): a language model's data
 
 
 def build_datasets(name: str, *, path: str = "", seed: int = 0, augment: bool = False,
-                   synthetic: Mapping[str, Any] | None = None) -> DataSpec:
+                   synthetic: Mapping[str, Any] | None = None, context: int = 64) -> DataSpec:
     """Train and validation sets by ``data.name``. ``seed`` drives synthetic data and augmentation;
     it must be the same on peers that share batches. ``augment`` applies to cifar10 and imagenet
-    (the others are in-memory or synthetic and are never augmented)."""
+    (the others are in-memory or synthetic and are never augmented). ``context``: the windows of
+    token data (text, tokens: data/tokens.py)."""
+    if name in ("text", "tokens"):
+        from hvcodistill.data import tokens
+
+        return (tokens.text_datasets if name == "text" else tokens.token_datasets)(path, context=context, seed=seed)
     if name == "digits":
         return _digits()
     if name == "mnist1d":

@@ -49,6 +49,22 @@ class TokenWindowDataset(BatchDataset):
     def starts(self, epoch: int, indices: torch.Tensor) -> np.ndarray:
         return self.offset(epoch) + indices.numpy().astype(np.int64) * self.context
 
+    def fingerprint(self) -> bytes:
+        """The tokens' content (data/fingerprint.py): all of them up to 64 MB, beyond that the size
+        and 256 chunks of 256 KB spread evenly over the file (a full hash of a 20 GB token file on
+        every rank at every start would take minutes)."""
+        import hashlib
+
+        raw = self.tokens.view(np.uint8).reshape(-1)
+        h = hashlib.blake2b(repr((self.tokens.dtype.str, len(self.tokens), self.context, self.seed)).encode(),
+                            digest_size=16)
+        if raw.nbytes <= 64 << 20:
+            h.update(memoryview(np.ascontiguousarray(raw)))
+        else:
+            for start in np.linspace(0, raw.nbytes - (256 << 10), 256).astype(np.int64):
+                h.update(memoryview(np.ascontiguousarray(raw[start:start + (256 << 10)])))
+        return h.digest()
+
     def fetch(self, epoch: int, indices: torch.Tensor) -> Batch:
         rows = self.starts(epoch, indices)[:, None] + np.arange(self.context + 1)
         chunk = torch.from_numpy(self.tokens[rows].astype(np.int64))
@@ -57,7 +73,7 @@ class TokenWindowDataset(BatchDataset):
 
 def _spec(train: np.ndarray, val: np.ndarray, vocab_size: int, context: int, seed: int) -> DataSpec:
     return DataSpec(TokenWindowDataset(train, context=context, seed=seed),
-                    TokenWindowDataset(val, context=context, seed=seed), (context,), vocab_size)
+                    TokenWindowDataset(val, context=context, seed=seed), (context,), vocab_size, sequence=True)
 
 
 def pydoc_corpus() -> bytes:

@@ -11,16 +11,23 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from hvcodistill.errors import ConfigError
 
-MODEL_NAMES = ("mlp", "cnn", "resnet18_cifar", "resnet50", "resnext101_32x8d")
+MODEL_NAMES = ("mlp", "cnn", "resnet18_cifar", "resnet50", "resnext101_32x8d", "transformer_lm")
 
 
 def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
-                hidden: Sequence[int] = (128,), dropout: float = 0.0) -> nn.Module:
+                hidden: Sequence[int] = (128,), dropout: float = 0.0, layers: int = 2, heads: int = 4,
+                width: int = 128) -> nn.Module:
     """Return a freshly initialised model mapping (N, *input_shape) to logits (N, num_classes).
     `dropout` (the MLP only) follows each hidden layer; its masks come from torch's global RNG."""
     if name not in MODEL_NAMES:
         raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     input_shape = tuple(int(d) for d in input_shape)
+    if name == "transformer_lm":
+        # token windows of input_shape = (context,), a vocabulary of num_classes: logits (N, T, V)
+        from hvcodistill.models.transformer import TransformerLM
+
+        return TransformerLM(vocab_size=num_classes, context=input_shape[0], layers=layers, heads=heads,
+                             width=width, dropout=dropout)
     if name == "mlp":
         return _mlp(math.prod(input_shape), list(hidden), num_classes, dropout)
     if len(input_shape) != 3 or min(input_shape[1:]) < (8 if name == "cnn" else 1):

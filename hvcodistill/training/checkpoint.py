@@ -46,8 +46,9 @@ EXIT_NON_FINITE = 4     # a loss or gradient became NaN/Inf: every rank stopped 
 # (train.steps/epochs) unless optim.lr_schedule=cosine, whose curve depends on it.
 RESUME_KEYS = ("codistill.n_models", "codistill.mode", "codistill.every", "codistill.alpha",
                "codistill.distance", "codistill.temperature", "codistill.burn_in_steps",
-               "codistill.refresh_delay", "codistill.payload_dtype", "data.name", "data.order",
+               "codistill.refresh_delay", "codistill.payload_dtype", "codistill.topk", "data.name", "data.order",
                "data.augment", "model.name", "model.hidden", "model.dropout", "model.init_seed",
+               "model.layers", "model.heads", "model.width", "model.context",
                "optim.name", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
                "optim.unit", "optim.lr_schedule", "optim.warmup", "optim.lr_milestones", "optim.lr_gamma",
                "optim.wd_milestones", "optim.wd_values", "train.batch_size", "train.seed", "train.amp")
