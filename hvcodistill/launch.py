@@ -18,12 +18,29 @@ import subprocess
 import sys
 
 
+# What an enclosing MPI process leaves in the environment: a Python session that initialised MPI
+# as a singleton (importing mpi4py.MPI does) sets these at the C level, and every child started
+# without an explicit environment inherits them. A new mpirun that sees them takes itself for a
+# client of that (finished) job and exits 1 without a word. User tuning (OMPI_MCA_btl_*, ...) stays.
+_INHERITED_PREFIXES = ("PMIX_", "ORTE_", "OMPI_COMM_WORLD_", "OMPI_APP_CTX_", "OMPI_MCA_ess", "OMPI_MCA_orte_ess_",
+                       "OMPI_MCA_pmix")
+_INHERITED_NAMES = {"OMPI_MCA_orte_launch", "OMPI_MCA_orte_precondition_transports", "OMPI_MCA_orte_hnp_uri",
+                    "OMPI_MCA_orte_local_daemon_uri", "OMPI_UNIVERSE_SIZE", "OMPI_FIRST_RANKS",
+                    "OMPI_NUM_APP_CTX", "OMPI_FILE_LOCATION", "OMPI_MCA_initial_wdir"}
+
+
+def launch_environment(environ) -> dict:
+    """`environ` without what an enclosing MPI job or singleton left (see above)."""
+    return {k: v for k, v in environ.items()
+            if not k.startswith(_INHERITED_PREFIXES) and k not in _INHERITED_NAMES}
+
+
 def mpirun_command(np: int, command: list[str], *, extra: list[str] | None = None) -> tuple[list[str], dict]:
     """The mpirun argv and environment that start `np` local ranks of `command`."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise SystemExit("hvcodistill.launch: error: no mpirun on PATH (make setup installs Open MPI)")
-    env = dict(os.environ)
+    env = launch_environment(os.environ)
     argv = [mpirun, "-np", str(np), "--bind-to", "none"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if np > cores:

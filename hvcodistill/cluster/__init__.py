@@ -359,7 +359,9 @@ class EmulatedCluster:
         slots = slots or -(-np // len(self.hosts))
         if np < 1 or slots < 1 or np > slots * len(self.hosts):
             raise ConfigError(f"-np {np} does not fit {len(self.hosts)} nodes x {slots} slots")
-        run_env = dict(os.environ)
+        from hvcodistill.launch import launch_environment
+
+        run_env = launch_environment(os.environ)       # not what an enclosing MPI process left
         # Every emulated node shares this machine's cores: more ranks than cores busy-poll unless
         # Open MPI yields when idle (see hvcodistill.launch); one OpenMP thread per rank.
         run_env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")

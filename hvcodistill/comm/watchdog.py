@@ -58,6 +58,7 @@ class Watchdog:
         self._recv = np.zeros(4, dtype=np.float64)
         self._stop = self._interrupt = 0
         self._closing = False
+        self._setup_stops = 0                       # consecutive rounds saying: stopped during set-up
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -84,7 +85,12 @@ class Watchdog:
             if interrupt:
                 self._exit(EXIT_INTERRUPTED, "interrupted (SIGINT): stopped without writing a checkpoint; "
                            "run the same command to resume from the newest one in run.dir")
-            if stop and setup:
+            # A rank's post can predate its first step by one interval, so "in set-up" must hold in
+            # two consecutive rounds: the second is posted after every rank saw the first (all ranks
+            # read the same rounds, so all decide alike). A run already training leaves the stop
+            # to the PreemptionGuard, which checkpoints first.
+            self._setup_stops = self._setup_stops + 1 if stop and setup else 0
+            if self._setup_stops >= 2:
                 self._exit(self.exit_preempted, f"stopped by {signal.Signals(stop).name} during set-up, before "
                            f"the first step: nothing to checkpoint, exiting {self.exit_preempted}; run the "
                            "same command to resume from the newest checkpoint in run.dir")
