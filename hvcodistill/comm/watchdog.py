@@ -86,9 +86,9 @@ class Watchdog:
                 self._exit(EXIT_INTERRUPTED, "interrupted (SIGINT): stopped without writing a checkpoint; "
                            "run the same command to resume from the newest one in run.dir")
             # A rank's post can predate its first step by one interval, so "in set-up" must hold in
-            # two consecutive rounds: the second is posted after every rank saw the first (all ranks
-            # read the same rounds, so all decide alike). A run already training leaves the stop
-            # to the PreemptionGuard, which checkpoints first.
+            # two consecutive rounds: the second is posted at once, after every rank saw the first
+            # (all ranks read the same rounds, so all decide alike). A run already training leaves
+            # the stop to the PreemptionGuard, which checkpoints first.
             self._setup_stops = self._setup_stops + 1 if stop and setup else 0
             if self._setup_stops >= 2:
                 self._exit(self.exit_preempted, f"stopped by {signal.Signals(stop).name} during set-up, before "
@@ -96,7 +96,7 @@ class Watchdog:
                            "same command to resume from the newest checkpoint in run.dir")
             if not running:            # every rank has closed: none posts another
                 return
-            if not self._closing:
+            if not self._closing and not self._setup_stops:     # a stop to confirm: post again now
                 self._read_signals(self.INTERVAL)
 
     def _read_signals(self, timeout: float) -> None:
@@ -111,6 +111,11 @@ class Watchdog:
             if signum not in (signal.SIGINT, *STOP_SIGNALS):
                 continue
             if self._stop or self._interrupt:
+                if self._setup_stops or self._interrupt:
+                    # the ranks are stopping (interrupted, or a stop in set-up being agreed); a
+                    # faster one has left and the launcher now signals the rest: leave at once,
+                    # with the code of what was asked first
+                    os._exit(EXIT_INTERRUPTED if self._interrupt else self.exit_preempted)
                 self._say(f"second {signal.Signals(signum).name}: exiting now, without a checkpoint",
                           everywhere=True)
                 os._exit(128 + signum)
