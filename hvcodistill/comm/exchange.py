@@ -120,25 +120,27 @@ def pack_logits(logits: torch.Tensor, payload_dtype: str, checksum: int) -> np.n
     wire = logits.detach()
     if payload_dtype == "fp16":
         wire = wire.float().clamp(-_FP16_MAX, _FP16_MAX)     # saturate rather than become inf
-    wire = wire.to(PAYLOAD_DTYPES[payload_dtype]).contiguous().view(-1).view(torch.uint8)
-    payload = torch.empty(wire.numel() + _CHECKSUM_BYTES, dtype=torch.uint8)
-    payload[:wire.numel()].copy_(wire)                       # device -> host, into the send buffer
+    return _payload([wire.to(PAYLOAD_DTYPES[payload_dtype])], checksum)
+
+
+def _payload(parts: list[torch.Tensor], checksum: int) -> np.ndarray:
+    """The send buffer: each tensor's bytes in turn (copied device -> host straight into it), then
+    the batch checksum as 8 little-endian bytes."""
+    raw = [t.contiguous().view(-1).view(torch.uint8) for t in parts]
+    payload = torch.empty(sum(r.numel() for r in raw) + _CHECKSUM_BYTES, dtype=torch.uint8)
+    at = 0
+    for r in raw:
+        payload[at:at + r.numel()].copy_(r)
+        at += r.numel()
     out = payload.numpy()
-    out[wire.numel():] = np.array([checksum], dtype="<u8").view(np.uint8)
+    out[at:] = np.array([checksum], dtype="<u8").view(np.uint8)
     return out
 
 
 def pack_topk(logits: torch.Tensor, k: int, payload_dtype: str, checksum: int) -> np.ndarray:
     """A top-k payload (comm/topk.py): per row of the logits (..., C), its k largest
     log-probabilities in `payload_dtype`, then their int32 indices, then the batch checksum."""
-    values, indices = topk_payload(logits, k, PAYLOAD_DTYPES[payload_dtype])
-    parts = [values.contiguous().view(-1).view(torch.uint8), indices.contiguous().view(-1).view(torch.uint8)]
-    payload = torch.empty(sum(p.numel() for p in parts) + _CHECKSUM_BYTES, dtype=torch.uint8)
-    payload[:parts[0].numel()].copy_(parts[0])
-    payload[parts[0].numel():-_CHECKSUM_BYTES].copy_(parts[1])
-    out = payload.numpy()
-    out[-_CHECKSUM_BYTES:] = np.array([checksum], dtype="<u8").view(np.uint8)
-    return out
+    return _payload(list(topk_payload(logits, k, PAYLOAD_DTYPES[payload_dtype])), checksum)
 
 
 def unpack_topk(row: np.ndarray, k: int, payload_dtype: str, shape, device: torch.device) -> torch.Tensor:
