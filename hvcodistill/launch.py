@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 
 # What an enclosing MPI process leaves in the environment: a Python session that initialised MPI
@@ -79,8 +80,10 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     behaves the same, and mpirun never gets one twice (twice means "kill the ranks at once" to it).
     mpirun turns SIGINT/SIGTERM into SIGTERM to every rank (SIGKILL a second later) and forwards
     SIGUSR1/SIGUSR2. Its stdin is /dev/null: a background process group must not read the
-    terminal. After SIGINT this prints one line and exits 130, once mpirun (and so every rank) is gone.
+    terminal. It returns only when no local rank is left (see `reap_orphans`). After SIGINT this
+    prints one line and exits 130.
     """
+    become_subreaper()
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp)
     got = []
 
@@ -92,6 +95,9 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         rc = proc.wait()
+        # mpirun can exit while a rank it killed is still tearing down (seen in CI: a rank alive
+        # after the launcher had exited 130); as subreaper this process inherits and waits for it.
+        reap_orphans()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -99,6 +105,65 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
         print(f"hvcodistill.launch: interrupted (mpirun exited {rc})", file=sys.stderr, flush=True)
         return 130
     return rc
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux prctl PR_SET_CHILD_SUBREAPER).
+
+    mpirun puts each rank in a process group of its own, and can exit while a rank it killed is
+    still tearing down; the rank then becomes a child of this process, which can wait for it."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0           # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def children() -> list[int]:
+    """Live (not zombie) children of this process, from /proc; [] where there is no /proc."""
+    me, found = os.getpid(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and int(fields[1]) == me and fields[0] not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def reap_orphans(grace: float = 10.0) -> list[int]:
+    """Wait up to `grace` seconds for every child left (the ranks mpirun left behind) to end, then
+    SIGKILL the rest. Returns the pids that had to be killed (and says so): none in a healthy run."""
+    deadline, killed = time.monotonic() + grace, []
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return killed                                 # no child left
+        if pid:
+            continue
+        if time.monotonic() >= deadline and not killed:
+            killed = children()
+            if killed:
+                print(f"hvcodistill.launch: {len(killed)} process(es) outlived mpirun by {grace:.0f} s; killing "
+                      f"{' '.join(map(str, killed))}", file=sys.stderr, flush=True)
+            for pid in killed:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not killed:
+                return killed
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

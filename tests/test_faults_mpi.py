@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -187,3 +188,34 @@ def test_ctrl_c_is_one_line_exit_130_and_no_rank_outlives_the_launcher(tmp_path,
         assert len(ours) == 1 and "interrupted (SIGINT)" in ours[0], err[-3000:]
     assert complete_checkpoints(run_dir), "the checkpoints written before Ctrl-C are gone"
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+REAP_PROBE = """
+import os, subprocess, sys, time
+from hvcodistill.launch import become_subreaper, reap_orphans
+assert become_subreaper()
+linger = float(sys.argv[1])
+# like mpirun exiting while a rank it killed still tears down: the parent goes, its child stays
+subprocess.run(["sh", "-c", f"sleep {linger} & echo $! > {sys.argv[2]}"], check=True)
+t = time.monotonic()
+killed = reap_orphans(grace=float(sys.argv[3]))
+print(len(killed), round(time.monotonic() - t, 2))
+"""
+
+
+@pytest.mark.parametrize("linger, grace, killed", [(0.5, 10, 0), (60, 0.5, 1)])
+def test_launcher_waits_for_what_mpirun_left_and_kills_it_after_a_grace(tmp_path, linger, grace, killed):
+    """The reason for `reap_orphans`: mpirun returned while a killed rank was still alive (CI)."""
+    pid_file = tmp_path / "pid"
+    out = subprocess.run([sys.executable, "-c", REAP_PROBE, str(linger), str(pid_file), str(grace)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    n, took = out.stdout.split()
+    assert int(n) == killed, out
+    assert float(took) >= min(linger, grace) - 0.1, out      # it waited for the orphan, not less
+    assert float(took) < min(linger, grace) + 5, out
+    orphan = int(pid_file.read_text())
+    assert not os.path.exists(f"/proc/{orphan}") or \
+        open(f"/proc/{orphan}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", "the orphan is still running"
+    if killed:
+        assert "outlived mpirun" in out.stderr, out.stderr
