@@ -286,6 +286,15 @@ def status_lines(study: StudyResult) -> list[str]:
     return lines
 
 
+
+def shown_path(path) -> str:
+    """`path` relative to the working directory when it lies below it (a report committed with
+    the code then names `runs/studies/...`, not one machine's absolute path), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
 def write_markdown(study: StudyResult, figures: dict, out: Path) -> Path:
     base = study.variant(study.baseline) if study.baseline else None
     lines = [f"# Study `{study.name}`", ""]
@@ -299,9 +308,10 @@ def write_markdown(study: StudyResult, figures: dict, out: Path) -> Path:
     if swept:
         timing += (f"; the sweep spent {sum(swept) / 60:.1f} min on {len(swept)} of them "
                    f"({sum(swept) / len(swept):.1f} s per run, starting the ranks included)")
-    lines += [f"Study file `{study.source or '(none)'}`; seeds {', '.join(map(str, study.seeds))}; "
-              f"directory `{study.dir}`. Written {time.strftime('%Y-%m-%d %H:%M')} by "
-              f"`python -m hvcodistill.report {study.dir}`. {timing}.", ""]
+    source, where = shown_path(study.source) if study.source else "(none)", shown_path(study.dir)
+    lines += [f"Study file `{source}`; seeds {', '.join(map(str, study.seeds))}; "
+              f"directory `{where}`. Written {time.strftime('%Y-%m-%d %H:%M')} by "
+              f"`python -m hvcodistill.report {where}`. {timing}.", ""]
     lines += status_lines(study) + [""]
 
     lines += ["## Accuracy per variant", "",
