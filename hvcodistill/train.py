@@ -362,7 +362,7 @@ def connect(cfg: Config, topo: Topology, data: DataSpec, plan: BatchPlan, model:
     return Trainer(cfg=cfg, comms=comms, data=data, plan=plan, model=model, optimizer=opt, scaler=scaler,
                    exchange=exchange, logger=RunLogger(run_dir, comms), device=device, lr=lr, wd=wd,
                    total_steps=total, run_dir=run_dir, hvd=hvd, traffic=traffic, allreduce_sends=allreduce,
-                   allreduce_algorithm=algorithm, finite=FiniteWatch(device))
+                   allreduce_algorithm=algorithm, finite=FiniteWatch(device, model.parameters()))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -388,9 +388,9 @@ def train_step(tr: Trainer, step: int, x: torch.Tensor, y: torch.Tensor) -> dict
     tr.optimizer.synchronize()      # group_comm: wait for Horovod's averaged gradients
     tr.timer.allreduce_s += time.perf_counter() - start
     tr.traffic.add("allreduce", tr.allreduce_sends)
-    # on the device, no sync: any NaN/Inf in the loss or the group-averaged gradients (the ranks
-    # agree on it at preemption checks and before checkpoints: training/finite.py)
-    tr.finite.update(step, loss, None if tr.scaler.is_enabled() else tr.model.parameters())
+    # kept, not looked at: a NaN/Inf in the loss, or in the weights after the update, is found
+    # when the ranks agree (preemption checks, before checkpoints: training/finite.py)
+    tr.finite.update(step, loss)
     if tr.scaler.is_enabled():
         tr.scaler.unscale_(tr.optimizer)
         with tr.optimizer.skip_synchronize():

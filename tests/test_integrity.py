@@ -111,20 +111,34 @@ def test_dropout_option_and_its_range():
 
 # ---------------------------------------------------------------- point 6: non-finite values
 def test_finite_watch_remembers_the_first_bad_step():
-    w = FiniteWatch(torch.device("cpu"))
     p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.ones(3)
+    w = FiniteWatch(torch.device("cpu"), [p])
     for step in range(3):
-        w.update(step, torch.tensor(1.0), [p])
+        w.update(step, torch.tensor(1.0))
     assert w.first() is None
-    p.grad = torch.tensor([1.0, float("inf"), 0.0])
-    w.update(3, torch.tensor(1.0), [p])
-    p.grad = torch.ones(3)
-    w.update(4, torch.tensor(float("nan")), [p])
-    assert w.first() == 3
+    w.update(3, torch.tensor(1.0))             # a finite loss whose gradient was Inf: the update
+    with torch.no_grad():                      # leaves an Inf in the weights
+        p[1] = float("inf")
+    assert w.first() == 3                      # the check after step 3 sees the weights
+    w.update(4, torch.tensor(float("nan")))
+    assert w.first() == 3                      # the first one stays
     loss_only = FiniteWatch(torch.device("cpu"))
-    loss_only.update(7, torch.tensor(float("-inf")))             # fp16 scaling: the loss alone
+    loss_only.update(7, torch.tensor(float("-inf")))
     assert loss_only.first() == 7
+
+
+def test_finite_watch_folds_long_stretches_without_losing_the_step():
+    w = FiniteWatch(torch.device("cpu"), [torch.nn.Parameter(torch.ones(2))])
+    w.FOLD = 4
+    for step in range(10, 30):                 # a resumed run: steps from 10; folded at 14, 18, ...
+        w.update(step, torch.tensor(float("nan") if step in (17, 25) else 0.5))
+        assert len(w._losses) < 4
+    assert w.first() == 17
+    clean = FiniteWatch(torch.device("cpu"), [torch.nn.Parameter(torch.ones(2))])
+    clean.FOLD = 4
+    for step in range(9):
+        clean.update(step, torch.tensor(0.5))
+    assert clean.first() is None
 
 
 def test_newest_checkpoint_is_one_every_model_has(tmp_path):
