@@ -71,15 +71,26 @@ def _log_positions(values: list[float]) -> tuple[list[float], float | None]:
     return [v if v > 0 else zero_at for v in values], zero_at
 
 
-def _dodge(xs: list[float], factor: float = 1.1) -> list[float]:
-    """Points at the same x (on a log axis) spread a little sideways, so each stays visible."""
-    out = list(xs)
-    groups: dict = {}
-    for i, x in enumerate(xs):
-        groups.setdefault(round(math.log10(x), 2) if x > 0 else None, []).append(i)
-    for members in groups.values():
+def _dodge(xs: list[float]) -> list[float]:
+    """Points at (nearly) the same x on a log axis spread a little sideways, so each stays visible:
+    by a step of 1.2% of the axis' span in decades, so that on an axis spanning a fraction of a
+    decade equal values do not look like different byte counts."""
+    logs = [math.log10(x) for x in xs]
+    span = max(max(logs) - min(logs), 0.3)
+    step, out = 0.012 * span, list(xs)
+    order = sorted(range(len(xs)), key=lambda i: logs[i])
+    groups, current = [], [order[0]] if order else []
+    for i in order[1:]:
+        if logs[i] - logs[current[-1]] < step:
+            current.append(i)
+        else:
+            groups.append(current)
+            current = [i]
+    groups.append(current)
+    for members in (g for g in groups if g):
+        centre = sum(logs[i] for i in members) / len(members)
         for j, i in enumerate(members):
-            out[i] = xs[i] * factor ** (j - (len(members) - 1) / 2)
+            out[i] = 10 ** (centre + step * (j - (len(members) - 1) / 2))
     return out
 
 
