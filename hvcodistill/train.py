@@ -697,6 +697,14 @@ def stop_loader_workers() -> None:
         child.terminate()
 
 
+def abort(code: int) -> None:
+    """End the whole job from this rank (the others may wait in a collective), workers first."""
+    from mpi4py import MPI
+
+    stop_loader_workers()
+    MPI.COMM_WORLD.Abort(code)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mpi4py import MPI
@@ -729,7 +737,7 @@ def main(argv=None) -> int:
         # Peers detect this together; one line from model 0's rank, then stop the whole job.
         if e.report:
             print(f"hvcodistill: error: {e}", file=sys.stderr, flush=True)
-        MPI.COMM_WORLD.Abort(EXIT_DATA_MISMATCH)
+        abort(EXIT_DATA_MISMATCH)
     except ConfigError as e:
         # Bad input that only shows when it is used (an image file that is no image, met in a
         # batch): this rank alone knows, the others wait in a collective. One line, exit 2 for all.
@@ -737,17 +745,16 @@ def main(argv=None) -> int:
         line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         line = line.split(f"{ConfigError.__module__}.{ConfigError.__name__}: ", 1)[-1]
         print(f"hvcodistill: error (rank {MPI.COMM_WORLD.Get_rank()}): {line}", file=sys.stderr, flush=True)
-        stop_loader_workers()
-        MPI.COMM_WORLD.Abort(2)
+        abort(2)
     except KeyboardInterrupt:
         # SIGINT outside the watchdog's span (it makes Ctrl-C exit 130 by itself): no traceback.
         print("hvcodistill: interrupted (SIGINT)", file=sys.stderr, flush=True)
-        MPI.COMM_WORLD.Abort(EXIT_INTERRUPTED)
+        abort(EXIT_INTERRUPTED)
     except BaseException:
         # Any other failure on one rank would leave the others waiting in a collective: abort all.
         traceback.print_exc()
         sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+        abort(1)
     return 1
 
 

@@ -36,33 +36,47 @@ def predict(model: torch.nn.Module, dataset, indices: torch.Tensor, *, device: t
     return torch.cat(logits), torch.cat(labels)
 
 
+def shard(dataset, comms) -> torch.Tensor:
+    """This rank's validation samples: group rank r of every model takes r, r + G, ..., so peers
+    hold the same shard and can combine their predictions sample by sample."""
+    return torch.arange(comms.group_rank, len(dataset), comms.topology.group_size)
+
+
+def combine(rows: np.ndarray, counts, comms, traffic=None) -> list[float]:
+    """peer_comm: gather every model's float32 `rows` for this shard, (M, *rows.shape); then
+    `counts(every)` gives this shard's sums, which group_comm adds up over the group's ranks into
+    whole-validation-set figures. `traffic` (optional) counts the allgather's bytes by link."""
+    mine = np.ascontiguousarray(rows, dtype=np.float32)
+    every = np.empty((comms.topology.n_models, *mine.shape), dtype=np.float32)
+    comms.peer.Allgather(mine, every)
+    if traffic is not None:
+        traffic.add("evaluation", allgather_sends(comms.peer_ranks, comms.world_rank, mine.nbytes, comms.nodes))
+    mine_counts = np.asarray(counts(every), dtype=np.float64)
+    total = np.empty_like(mine_counts)
+    comms.group.Allreduce(mine_counts, total, op=MPI.SUM)
+    return total.tolist()
+
+
 def evaluate(model, dataset, comms, *, device, workers: int = 0, autocast=contextlib.nullcontext,
              traffic=None) -> dict:
     """val_loss and val_accuracy of this model; ensemble_val_accuracy and disagreement of all models.
     `traffic` (optional) counts the bytes of the peer allgather by link."""
-    g, r, m = comms.topology.group_size, comms.group_rank, comms.topology.n_models
-    indices = torch.arange(r, len(dataset), g)
+    indices = shard(dataset, comms)
     logits, labels = predict(model, dataset, indices, device=device, workers=workers, autocast=autocast)
     probs = F.softmax(logits, dim=-1).numpy().astype(np.float32)
-    n, c = len(indices), (logits.shape[1] if len(logits) else 0)
-    # peer_comm: every peer evaluated the same shard; gather all models' probabilities for it.
-    all_probs = np.empty((m, n, c), dtype=np.float32)
-    comms.peer.Allgather(np.ascontiguousarray(probs), all_probs)
-    if traffic is not None:
-        traffic.add("evaluation", allgather_sends(comms.peer_ranks, comms.world_rank, probs.nbytes, comms.nodes))
-    preds = all_probs.argmax(-1) if n else np.zeros((m, 0), dtype=np.int64)
-    y = labels.numpy()
-    counts = np.array([
-        F.cross_entropy(logits, labels, reduction="sum").item() if n else 0.0,
-        float((preds[comms.model_id] == y).sum()),
-        float((all_probs.mean(0).argmax(-1) == y).sum()) if n else 0.0,   # ensemble: mean probability
-        float((preds != preds[:1]).any(0).sum()),                         # any model's top-1 differs
-        float(n),
-    ])
-    # group_comm: add up the shards of the group's ranks into whole-validation-set counts.
-    total = np.empty_like(counts)
-    comms.group.Allreduce(counts, total, op=MPI.SUM)
-    loss_sum, correct, ensemble_correct, disagree, count = total.tolist()
+    n, m, y = len(indices), comms.topology.n_models, labels.numpy()
+
+    def counts(all_probs: np.ndarray) -> np.ndarray:
+        preds = all_probs.argmax(-1) if n else np.zeros((m, 0), dtype=np.int64)
+        return np.array([
+            F.cross_entropy(logits, labels, reduction="sum").item() if n else 0.0,
+            float((preds[comms.model_id] == y).sum()),
+            float((all_probs.mean(0).argmax(-1) == y).sum()) if n else 0.0,   # ensemble: mean probability
+            float((preds != preds[:1]).any(0).sum()),                         # any model's top-1 differs
+            float(n),
+        ])
+
+    loss_sum, correct, ensemble_correct, disagree, count = combine(probs, counts, comms, traffic)
     count = max(count, 1.0)
     return {"val_loss": loss_sum / count, "val_accuracy": correct / count,
             "ensemble_val_accuracy": ensemble_correct / count, "disagreement": disagree / count}
@@ -103,18 +117,9 @@ def evaluate_lm(model, dataset, comms, *, device, workers: int = 0, autocast=con
     - disagreement: the fraction of tokens on which the models' top-1 differ.
     Peers exchange 136 bytes per token (target log-probability, top-16 probabilities and indices,
     the target), not V floats."""
-    g, r, m = comms.topology.group_size, comms.group_rank, comms.topology.n_models
-    indices = torch.arange(r, len(dataset), g)
-    mine = np.ascontiguousarray(token_rows(model, dataset, indices, device=device, workers=workers,
-                                           autocast=autocast), dtype=np.float32)
-    every = np.empty((m, *mine.shape), dtype=np.float32)
-    comms.peer.Allgather(mine, every)
-    if traffic is not None:
-        traffic.add("evaluation", allgather_sends(comms.peer_ranks, comms.world_rank, mine.nbytes, comms.nodes))
-    counts = token_counts(every, comms.model_id)
-    total = np.empty_like(counts)
-    comms.group.Allreduce(counts, total, op=MPI.SUM)
-    nll, correct, ens_nll, ens_correct, disagree, count = total.tolist()
+    rows = token_rows(model, dataset, shard(dataset, comms), device=device, workers=workers, autocast=autocast)
+    nll, correct, ens_nll, ens_correct, disagree, count = combine(
+        rows, lambda every: token_counts(every, comms.model_id), comms, traffic)
     count = max(count, 1.0)
     loss, ens_loss = nll / count, ens_nll / count
     return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 700))), "val_accuracy": correct / count,
