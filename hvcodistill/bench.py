@@ -18,6 +18,9 @@ bytes_per_step.total). With --cluster each variant runs on the emulated cluster
 stands beside each measurement; the planner takes its compute time per step and its intra-node
 rate from the alpha=0 run at the first rate (which moves nothing between nodes), so every
 figure it predicts at the other rates and for the other variants is a prediction.
+The variants take turns (--repeat rounds of all of them), so a machine whose speed drifts slows
+them alike; on one host the all-reduce run's speed over the plain Horovod loop's is the median of
+the rounds' pairwise ratios, with their range.
 """
 from __future__ import annotations
 
@@ -78,18 +81,21 @@ def run_variant(launch, np: int, config: str, overrides: list[str], run_dir: Pat
 
 def measure(launch, np: int, config: str, common: list[str], repeat: int, tmp: Path, label: str,
             log=print, variants=VARIANTS) -> dict:
-    """{variant name: the median run's summary (by step time) of `repeat` runs}."""
-    out = {}
-    for v in variants:
-        runs = []
-        for r in range(repeat):
+    """{variant name: the median run's summary (by step time) of `repeat` runs}.
+
+    The variants take turns, round after round (A B C, A B C, ...), so a drift in the machine's
+    speed during the benchmark touches every variant alike; each summary also keeps every round's
+    step time (`round_step_s`, in round order), so that two variants compare pair by pair."""
+    runs = {v.name: [] for v in variants}
+    for r in range(repeat):
+        for i, v in enumerate(variants):
             t0 = time.perf_counter()
-            s = run_variant(launch, np, config, [*common, *v.overrides], tmp / f"{label}-{len(out)}-{r}", v.module)
-            runs.append(s)
+            s = run_variant(launch, np, config, [*common, *v.overrides], tmp / f"{label}-{i}-{r}", v.module)
+            runs[v.name].append(s)
             log(f"bench: {label} {v.name}: {s['timing']['step_s'] * 1e3:.1f} ms/step "
-                f"(run {r + 1}/{repeat}, {time.perf_counter() - t0:.0f}s)")
-        out[v.name] = sorted(runs, key=lambda s: s["timing"]["step_s"])[len(runs) // 2]
-    return out
+                f"(round {r + 1}/{repeat}, {time.perf_counter() - t0:.0f}s)")
+    return {name: {**sorted(rs, key=lambda s: s["timing"]["step_s"])[len(rs) // 2],
+                   "round_step_s": [s["timing"]["step_s"] for s in rs]} for name, rs in runs.items()}
 
 
 # ----------------------------------------------------------------------------- the planner
@@ -147,6 +153,7 @@ def rows_for(measured: dict, rate: str, predictions: dict | None = None) -> list
                      "intra_node_MB_per_step": per["intra_node"] / 1e6,
                      "inter_node_MB_per_step": per["inter_node"] / 1e6,
                      "predicted_step_ms": (predictions or {}).get(v.name),
+                     "round_step_ms": [x * 1e3 for x in s.get("round_step_s", [step])],
                      "nodes": s.get("nodes", {}).get("count", 1), "world_size": t["world_size"]})
     return rows
 
@@ -171,7 +178,7 @@ def crossovers(rows: list[dict], rates: list[str]) -> list[str]:
     out = []
     for rate in rates:
         if (rate, REFERENCE.name) in by:
-            out.append(f"all-reduce (M=1) / plain Horovod loop: {by[(rate, REFERENCE.name)] / by[(rate, VARIANTS[0].name)]:.3f}x "
+            out.append(f"all-reduce (M=1) / plain Horovod loop: {reference_ratio(rows, rate)} "
                        "the reference's speed (1.00 = no overhead)")
     for v in VARIANTS[1:]:
         faster = [rate for rate in rates if by[(rate, v.name)] < by[(rate, VARIANTS[0].name)]]
@@ -179,6 +186,21 @@ def crossovers(rows: list[dict], rates: list[str]) -> list[str]:
         out.append(f"{v.name:<19} faster than all-reduce at: {', '.join(faster) or 'no rate measured'}"
                    f"  (all-reduce / this: {ratio})")
     return out
+
+
+def reference_ratio(rows: list[dict], rate: str) -> str:
+    """The all-reduce run's speed over the plain Horovod loop's: round by round (the two ran one
+    after the other in each round), the median of those ratios and their range; a single pair
+    where there was one round."""
+    by = {r["variant"]: r for r in rows if r["rate"] == rate}
+    ours = by[VARIANTS[0].name].get("round_step_ms") or [by[VARIANTS[0].name]["step_ms"]]
+    plain = by[REFERENCE.name].get("round_step_ms") or [by[REFERENCE.name]["step_ms"]]
+    if len(ours) != len(plain) or len(ours) < 2:
+        return f"{by[REFERENCE.name]['step_ms'] / by[VARIANTS[0].name]['step_ms']:.3f}x"
+    ratios = sorted(p / o for p, o in zip(plain, ours))
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return f"{median:.3f}x (median of {n} rounds paired, {ratios[0]:.3f}-{ratios[-1]:.3f})"
 
 
 def plot(rows: list[dict], rates: list[str], path: Path, title: str) -> None:
@@ -219,7 +241,8 @@ def parse_args(argv):
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--steps", type=int, default=100, help="updates per run (default 100)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="runs per variant, the median shown (default 3 on one host, 1 with --cluster)")
+                   help="rounds: runs per variant, the variants taking turns in each round; the median "
+                        "is shown (default 3 on one host, 1 with --cluster)")
     p.add_argument("--cluster", action="store_true", help="run on an emulated cluster (root)")
     p.add_argument("--nodes", type=int, default=2, help="emulated nodes (default 2); ranks per node = np / nodes")
     p.add_argument("--rates", default=DEFAULT_RATES, help=f"link rates, comma-separated (default {DEFAULT_RATES})")

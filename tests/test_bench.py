@@ -48,6 +48,17 @@ def test_rows_table_and_crossovers_from_fabricated_runs():
     assert any(line.startswith("predictions k=10") and "faster than all-reduce at: 1gbit" in line for line in lines)
 
 
+def test_reference_ratio_is_the_median_of_paired_rounds():
+    """Round by round the M = 1 run and the plain loop ran back to back: the ratio is taken per
+    round, so a round on a slow machine (the third) moves both and not the ratio."""
+    measured = {v.name: summary(0.1) for v in VARIANTS}
+    measured["all-reduce (M=1)"] = {**summary(0.2, models=1), "round_step_s": [0.2, 0.25, 0.4]}
+    measured[REFERENCE.name] = {"topology": {"world_size": 4}, "timing": {"step_s": 0.19},
+                                "round_step_s": [0.19, 0.25, 0.36]}
+    line = crossovers(rows_for(measured, "local"), ["local"])[0]
+    assert "0.950x (median of 3 rounds paired, 0.900-1.000)" in line, line
+
+
 @pytest.mark.mpi
 def test_small_local_bench_prints_every_variant(tmp_path):
     proc = bench("--steps", "6", "--repeat", "1", "--json", str(tmp_path / "b.json"), "model.hidden=[64]",
