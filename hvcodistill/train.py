@@ -416,7 +416,9 @@ def train(tr: Trainer, guard) -> None:
                          workers=tr.cfg.data.workers, device=tr.device)
     progress = Progress(tr.total_steps, tr.start_step, enabled=t.progress and tr.comms.world_rank == 0)
     window = LogWindow(tr, tr.start_step)
-    guard.nonfinite = lambda: tr.finite.first() is not None     # read at its checks (a device sync)
+    # read at its checks (a device sync): the kept losses; the weights are looked at before
+    # checkpoints and at the end (stop_if_non_finite), where no later loss shows the last update
+    guard.nonfinite = lambda: tr.finite.first(weights=False) is not None
     timer.start(tr.exchange)
     try:
         for step, (x, y) in enumerate(loader, start=tr.start_step):

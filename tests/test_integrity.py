@@ -119,7 +119,8 @@ def test_finite_watch_remembers_the_first_bad_step():
     w.update(3, torch.tensor(1.0))             # a finite loss whose gradient was Inf: the update
     with torch.no_grad():                      # leaves an Inf in the weights
         p[1] = float("inf")
-    assert w.first() == 3                      # the check after step 3 sees the weights
+    assert w.first(weights=False) is None      # a preemption check: the losses only; the next
+    assert w.first() == 3                      # loss shows it; an agreement sees the weights
     w.update(4, torch.tensor(float("nan")))
     assert w.first() == 3                      # the first one stays
     loss_only = FiniteWatch(torch.device("cpu"))
