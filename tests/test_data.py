@@ -15,6 +15,26 @@ def _key(epoch, *indices):
     return epoch, torch.tensor(indices, dtype=torch.int64)
 
 
+def test_digits_file_read_equals_load_digits():
+    """The digits are read from scikit-learn's file without importing sklearn.datasets (start-up
+    time); they must be exactly what load_digits() gives, dtypes included."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from hvcodistill.data.datasets import _digits_arrays
+
+    data, target = _digits_arrays()
+    ref = load_digits()
+    assert data.dtype == ref.data.dtype and target.dtype == ref.target.dtype
+    assert np.array_equal(data, ref.data) and np.array_equal(target, ref.target)
+    imported = subprocess.run([sys.executable, "-c", "import sys; from hvcodistill.data import build_datasets; "
+                               "build_datasets('digits', seed=0); print('sklearn' in sys.modules)"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert imported == "False"
+
+
 def test_digits_fixed_split():
     spec = build_datasets("digits", seed=1)
     assert (len(spec.train), len(spec.val)) == (1437, 360)
