@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -192,15 +193,12 @@ def reference_ratio(rows: list[dict], rate: str) -> str:
     """The all-reduce run's speed over the plain Horovod loop's: round by round (the two ran one
     after the other in each round), the median of those ratios and their range; a single pair
     where there was one round."""
-    by = {r["variant"]: r for r in rows if r["rate"] == rate}
-    ours = by[VARIANTS[0].name].get("round_step_ms") or [by[VARIANTS[0].name]["step_ms"]]
-    plain = by[REFERENCE.name].get("round_step_ms") or [by[REFERENCE.name]["step_ms"]]
-    if len(ours) != len(plain) or len(ours) < 2:
-        return f"{by[REFERENCE.name]['step_ms'] / by[VARIANTS[0].name]['step_ms']:.3f}x"
-    ratios = sorted(p / o for p, o in zip(plain, ours))
-    n = len(ratios)
-    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
-    return f"{median:.3f}x (median of {n} rounds paired, {ratios[0]:.3f}-{ratios[-1]:.3f})"
+    by = {r["variant"]: r["round_step_ms"] for r in rows if r["rate"] == rate}
+    ratios = sorted(p / o for p, o in zip(by[REFERENCE.name], by[VARIANTS[0].name], strict=True))
+    if len(ratios) == 1:
+        return f"{ratios[0]:.3f}x"
+    return (f"{statistics.median(ratios):.3f}x (median of {len(ratios)} rounds paired, "
+            f"{ratios[0]:.3f}-{ratios[-1]:.3f})")
 
 
 def plot(rows: list[dict], rates: list[str], path: Path, title: str) -> None:

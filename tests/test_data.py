@@ -1,6 +1,9 @@
 """Datasets: fixed splits, validation errors naming the file/key, and batches that are a pure
 function of (seed, epoch, indices), also through a multi-worker DataLoader."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -18,9 +21,6 @@ def _key(epoch, *indices):
 def test_digits_file_read_equals_load_digits():
     """The digits are read from scikit-learn's file without importing sklearn.datasets (start-up
     time); they must be exactly what load_digits() gives, dtypes included."""
-    import subprocess
-    import sys
-
     from sklearn.datasets import load_digits
 
     from hvcodistill.data.datasets import _digits_arrays

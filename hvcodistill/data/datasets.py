@@ -207,8 +207,8 @@ def _digits() -> DataSpec:
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(data (1797, 64) float64, target (1797,)) as sklearn.datasets.load_digits() gives them,
     read from the file scikit-learn ships: importing sklearn.datasets costs each rank about 1 s of
-    CPU at every start, the file 10 ms. load_digits() where the file is not where it has been
-    (`sklearn/datasets/data/digits.csv.gz` since scikit-learn 0.x)."""
+    CPU at every start, the file 10 ms. load_digits() where the file is not at
+    `sklearn/datasets/data/digits.csv.gz` (tests/test_data.py compares the two)."""
     import gzip
     from importlib.util import find_spec
 
