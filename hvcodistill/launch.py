@@ -60,10 +60,19 @@ def mpirun_command(np: int, command: list[str], *, extra: list[str] | None = Non
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hvcodistill.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-np", type=int, required=True, help="number of ranks")
+    p.add_argument("-np", type=int, help="number of ranks")
+    p.add_argument("--supervise", action="store_true",
+                   help="the command is a whole mpirun command line: run it as given, with the same signal "
+                        "forwarding and reaping of the local ranks (hvcodistill.cluster runs mpirun this way)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command each rank runs")
     args = p.parse_args(argv)
-    if args.np < 1 or not args.command:
+    if not args.command:
+        p.error("need a command")
+    if args.supervise:
+        if args.np is not None:
+            p.error("--supervise takes the whole mpirun command line; -np goes in it")
+        return run_forwarding_signals(args.command, dict(os.environ))
+    if args.np is None or args.np < 1:
         p.error("need -np >= 1 and a command")
     cmd, env = mpirun_command(args.np, args.command)
     return run_forwarding_signals(cmd, env)
@@ -84,7 +93,7 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     prints one line and exits 130.
     """
     become_subreaper()
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp)
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_own_group_ended_with_parent())
     got = []
 
     def forward(signum, frame):
@@ -104,7 +113,25 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     if signal.SIGINT in got:
         print(f"hvcodistill.launch: interrupted (mpirun exited {rc})", file=sys.stderr, flush=True)
         return 130
-    return rc
+    return 128 - rc if rc < 0 else rc                   # killed by a signal: as a shell says it
+
+
+def _own_group_ended_with_parent():
+    """A preexec_fn for mpirun: a process group of its own (see run_forwarding_signals), and SIGTERM
+    when this process dies (Linux PR_SET_PDEATHSIG), so that a launcher killed outright (SIGKILL,
+    which it cannot forward) still ends mpirun, which ends the ranks as on a preemption. libc is
+    loaded here, before the fork, so the child only calls into it."""
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
+
+    def preexec():
+        os.setpgrp()
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM), 0, 0, 0)                           # PR_SET_PDEATHSIG
+    return preexec
 
 
 def become_subreaper() -> bool:

@@ -65,6 +65,9 @@ def test_bad_layout_is_one_line():
     assert argv[:3] == [shutil.which("ip") or "ip", "netns", "exec"] and argv[3] == "hvc_x_node0"
     assert "node0:2,node1:2" in argv and ["-x", "HVC_X"] == argv[argv.index("HVC_X") - 1:argv.index("HVC_X") + 1]
     assert env["OMPI_MCA_mpi_yield_when_idle"] == "1" and argv[-1] == "true"
+    # mpirun runs under the local launcher's supervisor (signals once, node0's ranks reaped)
+    supervisor = argv.index("hvcodistill.launch")
+    assert argv[supervisor + 1] == "--supervise" and argv[supervisor + 2] == shutil.which("mpirun")
 
 
 # ---------------------------------------------------------------- real namespaces

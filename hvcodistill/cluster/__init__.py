@@ -351,7 +351,8 @@ class EmulatedCluster:
 
     def mpirun_command(self, np: int, command: list[str], *, slots: int | None = None, env: dict | None = None,
                        extra: list[str] | None = None) -> tuple[list[str], dict]:
-        """argv and environment that run `np` ranks of `command` from mpirun on node0, `slots` per node
+        """argv and environment that run `np` ranks of `command` from mpirun on node0 (under
+        `python -m hvcodistill.launch --supervise`), `slots` per node
         (default ceil(np / nodes)); ranks fill node0 first (node0 holds ranks 0..slots-1)."""
         mpirun = shutil.which("mpirun")
         if mpirun is None:
@@ -387,7 +388,11 @@ class EmulatedCluster:
         for var in dict.fromkeys(names):
             if var in run_env:
                 argv += ["-x", var]
-        return self.node_command(self.hosts[0], argv + list(extra or []) + list(command)), run_env
+        # On node0 mpirun runs under hvcodistill.launch's supervisor, as a local launch does: signals
+        # reach mpirun once, and the command returns only when none of node0's ranks is left (mpirun
+        # can exit on a lost node while a rank it killed still tears down; seen in CI).
+        supervised = [sys.executable, "-m", "hvcodistill.launch", "--supervise", *argv, *(extra or []), *command]
+        return self.node_command(self.hosts[0], supervised), run_env
 
     def describe(self) -> str:
         """Lines for `status`: hosts, addresses, shaping and byte counters."""
