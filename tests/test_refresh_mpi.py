@@ -56,12 +56,13 @@ UNAVAILABLE = cluster_unavailable()
 
 @pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
 def test_one_copy_of_each_model_crosses_between_nodes_per_refresh(tmp_path):
-    """2 nodes x 2 ranks, M = 2 models of G = 2 (one per node... no: contiguous, model i on node i),
-    so each peer pair spans the nodes. The bench MLP (16.8 MB) refreshed every 20 steps: 30 steps take
-    1 refresh (at 20), 90 steps take 4 (20, 40, 60, 80). Between the two runs the kernel's eth0 tx
-    bytes (both nodes) grow by 3 x M (M-1) x the weights' bytes, plus frame and TCP overhead: under 2%
-    (a copy per rank of the group would double it), and summary.json's counted inter-node exchange
-    bytes say the same."""
+    """2 nodes x 2 ranks, M = 2 models of G = 2, contiguous (model i on node i), so each peer pair
+    spans the nodes. The bench MLP (16.8 MB) refreshed every 20 steps: 30 steps take 1 refresh (at
+    20), 90 steps take 4 (20, 40, 60, 80). Between the two runs the kernel's eth0 tx bytes (both
+    nodes) grow by 3 x M (M-1) x the weights' bytes, within 1%: the two runs' other traffic (start-up,
+    Horovod's coordination, TCP acks, whose number follows timing) differs by a few hundred KB either
+    way (measured kernel/model 1.0036 and 0.9998), while a copy per rank of the group would be 2.0
+    and a lost shard 0.5. summary.json's counted inter-node exchange bytes say the same, exactly."""
     from hvcodistill.models import build_model
 
     m, refreshes = 2, {30: 1, 90: 4}
@@ -90,4 +91,4 @@ def test_one_copy_of_each_model_crosses_between_nodes_per_refresh(tmp_path):
     print(f"{n} refreshes: kernel tx {kernel_diff:,} B, counted {counted_diff:,} B, M(M-1) x weights {model:,} B; "
           f"kernel/model {kernel_diff / model:.4f}, counted/model {counted_diff / model:.6f}")
     assert counted_diff == pytest.approx(model, rel=1e-5)           # a shard is 1/G of the model, padded by < G bytes
-    assert 1.0 <= kernel_diff / model <= 1.02
+    assert abs(kernel_diff / model - 1) < 0.01
