@@ -95,10 +95,10 @@ def test_planner_predicts_link_bound_times(make_cluster, tmp_path):
     print(f"prediction exchange: measured {exchange[0] * 1e3:.1f} ms, planner {exchange[1] * 1e3:.1f} ms")
     assert abs(allreduce[1] / allreduce[0] - 1) < 0.2, allreduce
     assert exchange[0] > 0.8 * exchange[1], exchange
-    # and the order: what the link adds to an all-reduce step is several times what it adds to an
-    # exchanging one. Each less the alpha = 0 step (compute alone): a load on this shared machine
-    # inflates compute in all three (seen in CI: all-reduce 615 ms, only 1.96x the exchanging 314 ms)
-    compute = runs[bench.CALIBRATION]["timing"]["step_s"]
-    print(f"over compute ({compute * 1e3:.1f} ms): all-reduce +{(allreduce[0] - compute) * 1e3:.1f} ms, "
-          f"predictions k=1 +{(codist['timing']['step_s'] - compute) * 1e3:.1f} ms")
-    assert allreduce[0] - compute > 2 * (codist["timing"]["step_s"] - compute)
+    # and the order: the all-reduce's wait per step is several times the exchange's (planned ~6.7x:
+    # 4 MB of gradients against 512 KB of predictions per rank). The waits, as measured, not the step
+    # times: a k = 1 step also holds its intra-node all-reduce and the distillation loss, which 4 ranks
+    # on 2 cores slow (CI: all-reduce 615 ms/step, only 1.96x a k = 1 step, whose exchange was 127-486 ms)
+    reduce_wait = runs["all-reduce (M=1)"]["timing"]["allreduce_s"] / runs["all-reduce (M=1)"]["steps"]
+    print(f"waits per step: all-reduce {reduce_wait * 1e3:.1f} ms, prediction exchange {exchange[0] * 1e3:.1f} ms")
+    assert reduce_wait > 2 * exchange[0], (reduce_wait, exchange[0])
