@@ -116,16 +116,21 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     return 128 - rc if rc < 0 else rc                   # killed by a signal: as a shell says it
 
 
+def _prctl():
+    """libc's prctl, or None where there is none (not Linux)."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def _own_group_ended_with_parent():
     """A preexec_fn for mpirun: a process group of its own (see run_forwarding_signals), and SIGTERM
     when this process dies (Linux PR_SET_PDEATHSIG), so that a launcher killed outright (SIGKILL,
     which it cannot forward) still ends mpirun, which ends the ranks as on a preemption. libc is
     loaded here, before the fork, so the child only calls into it."""
-    try:
-        import ctypes
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        prctl = None
+    prctl = _prctl()
 
     def preexec():
         os.setpgrp()
@@ -139,12 +144,8 @@ def become_subreaper() -> bool:
 
     mpirun puts each rank in a process group of its own, and can exit while a rank it killed is
     still tearing down; the rank then becomes a child of this process, which can wait for it."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0           # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
+    prctl = _prctl()
+    return prctl is not None and prctl(36, 1, 0, 0, 0) == 0              # PR_SET_CHILD_SUBREAPER
 
 
 def children() -> list[int]:

@@ -99,6 +99,7 @@ def test_planner_predicts_link_bound_times(make_cluster, tmp_path):
     # 4 MB of gradients against 512 KB of predictions per rank). The waits, as measured, not the step
     # times: a k = 1 step also holds its intra-node all-reduce and the distillation loss, which 4 ranks
     # on 2 cores slow (CI: all-reduce 615 ms/step, only 1.96x a k = 1 step, whose exchange was 127-486 ms)
-    reduce_wait = runs["all-reduce (M=1)"]["timing"]["allreduce_s"] / runs["all-reduce (M=1)"]["steps"]
+    reduce_run = runs["all-reduce (M=1)"]
+    reduce_wait = reduce_run["timing"]["allreduce_s"] / reduce_run["steps"]
     print(f"waits per step: all-reduce {reduce_wait * 1e3:.1f} ms, prediction exchange {exchange[0] * 1e3:.1f} ms")
     assert reduce_wait > 2 * exchange[0], (reduce_wait, exchange[0])

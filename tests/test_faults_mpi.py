@@ -190,11 +190,10 @@ def test_ctrl_c_is_one_line_exit_130_and_no_rank_outlives_the_launcher(tmp_path,
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-
 def test_launcher_killed_outright_still_ends_its_ranks(tmp_path):
     """SIGKILL to the launcher alone (it cannot forward that): mpirun, its child, gets SIGTERM as the
-    launcher dies (PR_SET_PDEATHSIG) and ends the ranks as on a preemption (a checkpoint, exit 75),
-    instead of leaving a job running with nobody to stop it (measured: ranks gone 2.1 s later)."""
+    launcher dies (PR_SET_PDEATHSIG) and passes it to the ranks, which stop as on a preemption,
+    instead of a job left running with nobody to stop it (measured: ranks gone 2.1 s later)."""
     run_dir = tmp_path / "run"
     proc = start([sys.executable, "-m", "hvcodistill.launch", "-np", "4",
                   *train_command(run_dir, f"train.steps={STEPS * 100}")])
@@ -211,6 +210,7 @@ def test_launcher_killed_outright_still_ends_its_ranks(tmp_path):
     assert took is not None, f"ranks still ran {FAIL_FAST_S} s after the launcher was killed"
     # a preemption: the ranks agree on a step, checkpoint it and stop (older checkpoints rotate out)
     assert complete_checkpoints(run_dir)[-1] >= newest, "the checkpoints went back"
+
 
 REAP_PROBE = """
 import os, subprocess, sys, time

@@ -352,8 +352,8 @@ class EmulatedCluster:
     def mpirun_command(self, np: int, command: list[str], *, slots: int | None = None, env: dict | None = None,
                        extra: list[str] | None = None) -> tuple[list[str], dict]:
         """argv and environment that run `np` ranks of `command` from mpirun on node0 (under
-        `python -m hvcodistill.launch --supervise`), `slots` per node
-        (default ceil(np / nodes)); ranks fill node0 first (node0 holds ranks 0..slots-1)."""
+        `python -m hvcodistill.launch --supervise`), `slots` per node (default ceil(np / nodes));
+        ranks fill node0 first (node0 holds ranks 0..slots-1)."""
         mpirun = shutil.which("mpirun")
         if mpirun is None:
             raise ConfigError("no mpirun on PATH (make setup installs Open MPI)")
