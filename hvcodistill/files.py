@@ -6,6 +6,7 @@ directory, fsync it, rename it over the target, fsync the directory. A reader se
 or the new one, never part of one; on any failure the temporary file is removed and the error
 raised, so nothing partial is left behind.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,9 +1,8 @@
-"""The emulated cluster: real namespaces, tc shaping and mpirun across nodes (root only; ~30 s).
+"""The emulated cluster: real namespaces, tc shaping and mpirun across nodes (root only).
 
 Every test that builds a cluster uses its own name and a fixture that always takes it down.
 """
-import itertools
-import os
+
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from hvcodistill import cluster as C
 from hvcodistill.cluster import EmulatedCluster, parse_delay, parse_rate, qdisc_commands, tbf_burst
 from hvcodistill.errors import ConfigError
-from tests.conftest import MPI_DIR, ROOT, UNAVAILABLE, needs_cluster, our_namespaces, unique_name
+from tests.conftest import MPI_DIR, ROOT, needs_cluster, our_namespaces, unique_name
 
 
 def cli(*args, user=None) -> subprocess.CompletedProcess:
@@ -25,6 +24,7 @@ def cli(*args, user=None) -> subprocess.CompletedProcess:
 
 
 # ---------------------------------------------------------------- pure helpers (no root)
+
 
 def test_parse_rate_and_delay():
     assert parse_rate("100mbit") == 100_000_000
@@ -41,16 +41,19 @@ def test_parse_rate_and_delay():
 
 
 def test_tbf_burst_and_qdisc_commands():
-    assert tbf_burst(10_000_000, 9000) == 64 * 1024             # slow: the 64 KiB floor
-    assert tbf_burst(100_000_000, 9000) == 125_000               # 10 ms of bytes from ~52 Mbit/s on
-    assert tbf_burst(10 * 10**9, 9000) == 12_500_000             # fast: 10 ms of bytes
-    assert tbf_burst(10**6, 65535) == 2 * (65535 + 14)           # never below two frames
+    assert tbf_burst(10_000_000, 9000) == 64 * 1024  # slow: the 64 KiB floor
+    assert tbf_burst(100_000_000, 9000) == 125_000  # 10 ms of bytes from ~52 Mbit/s on
+    assert tbf_burst(10 * 10**9, 9000) == 12_500_000  # fast: 10 ms of bytes
+    assert tbf_burst(10**6, 65535) == 2 * (65535 + 14)  # never below two frames
     assert qdisc_commands("eth0", None, None, 9000) == []
     (tbf,) = qdisc_commands("eth0", 10**9, None, 9000)
     assert tbf[:6] == ["qdisc", "add", "dev", "eth0", "root", "handle"] and "tbf" in tbf
     netem, child = qdisc_commands("eth0", 10**9, "100us", 9000)
     assert netem[-3:] == ["netem", "delay", "100us"]
-    assert child[4:7] == ["parent", "1:", "handle"] and child[child.index("rate") + 1] == "1000000000bit"
+    assert (
+        child[4:7] == ["parent", "1:", "handle"]
+        and child[child.index("rate") + 1] == "1000000000bit"
+    )
 
 
 def test_bad_layout_is_one_line():
@@ -63,7 +66,10 @@ def test_bad_layout_is_one_line():
         c.mpirun_command(5, ["true"], slots=2)
     argv, env = c.mpirun_command(4, ["true"], env={"HVC_X": "1"})
     assert argv[:3] == [shutil.which("ip") or "ip", "netns", "exec"] and argv[3] == "hvc_x_node0"
-    assert "node0:2,node1:2" in argv and ["-x", "HVC_X"] == argv[argv.index("HVC_X") - 1:argv.index("HVC_X") + 1]
+    assert (
+        "node0:2,node1:2" in argv
+        and ["-x", "HVC_X"] == argv[argv.index("HVC_X") - 1 : argv.index("HVC_X") + 1]
+    )
     assert env["OMPI_MCA_mpi_yield_when_idle"] == "1" and argv[-1] == "true"
     # mpirun runs under the local launcher's supervisor (signals once, node0's ranks reaped)
     supervisor = argv.index("hvcodistill.launch")
@@ -72,12 +78,15 @@ def test_bad_layout_is_one_line():
 
 # ---------------------------------------------------------------- real namespaces
 
+
 @needs_cluster
 def test_up_hostnames_reachability_and_down(make_cluster):
     c = make_cluster(2)
     assert sorted(our_namespaces(c.name)) == sorted([c.switch, *map(c.namespace, c.hosts)])
     for host in c.hosts:
-        out = subprocess.run(c.node_command(host, ["hostname"]), capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            c.node_command(host, ["hostname"]), capture_output=True, text=True, check=True
+        )
         assert out.stdout.strip() == host
     # node0 -> node1 and back over the bridge (TCP: this box has no ping)
     assert transfer(c, "node0", "node1", 10_000)[0] == 10_000
@@ -86,7 +95,7 @@ def test_up_hostnames_reachability_and_down(make_cluster):
     assert agent.exists() and state.exists()
     c.down()
     assert our_namespaces(c.name) == [] and not agent.exists() and not state.exists()
-    c.down()   # nothing up: a no-op
+    c.down()  # nothing up: a no-op
 
 
 @needs_cluster
@@ -104,7 +113,7 @@ def test_failure_half_way_through_up_leaves_nothing(tmp_path, monkeypatch):
         with pytest.raises(C.ClusterError, match="injected"):
             c.up()
         assert our_namespaces(c.name) == []
-        assert list(tmp_path.iterdir()) == []          # no record, no agent
+        assert list(tmp_path.iterdir()) == []  # no record, no agent
     finally:
         c.down(quiet=True)
 
@@ -126,19 +135,29 @@ def test_cli_up_twice_status_down_and_non_root():
         up = cli("up", "--nodes", "2", "--rate", "1gbit", "--name", name)
         assert up.returncode == 0, up.stderr
         again = cli("up", "--nodes", "2", "--name", name)
-        assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already up" in again.stderr
+        assert (
+            again.returncode == 2 and again.stderr.count("\n") == 1 and "already up" in again.stderr
+        )
         status = cli("status", "--name", name)
         assert "1gbit" in status.stdout and "198.18.0.2" in status.stdout, status
         shaped = cli("shape", "--rate", "100mbit", "--name", name)
         assert shaped.returncode == 0, shaped.stderr
-        qdiscs = subprocess.run(["tc", "-n", f"hvc_{name}_switch", "qdisc", "show"], capture_output=True,
-                                text=True).stdout
+        qdiscs = subprocess.run(
+            ["tc", "-n", f"hvc_{name}_switch", "qdisc", "show"], capture_output=True, text=True
+        ).stdout
         assert qdiscs.count("rate 100Mbit") == 2, qdiscs
         run = cli("run", "-np", "4", "--name", name, "--", "sh", "-c", "hostname")
-        assert run.returncode == 0 and sorted(run.stdout.split()) == ["node0", "node0", "node1", "node1"], run
+        assert run.returncode == 0 and sorted(run.stdout.split()) == [
+            "node0",
+            "node0",
+            "node1",
+            "node1",
+        ], run
         bad = cli("shape", "--rate", "fast", "--name", name)
         assert bad.returncode == 2 and bad.stderr.strip() == (
-            "hvcodistill.cluster: error: bad rate 'fast': expected e.g. 100mbit, 1gbit, 10gbit or none")
+            "hvcodistill.cluster: error: bad rate 'fast': "
+            "expected e.g. 100mbit, 1gbit, 10gbit or none"
+        )
     finally:
         down = cli("down", "--name", name)
     assert down.returncode == 0 and our_namespaces(name) == []
@@ -147,7 +166,9 @@ def test_cli_up_twice_status_down_and_non_root():
     if shutil.which("setpriv"):
         user = cli("up", "--name", name, user="65534")
         assert user.returncode == 2 and user.stderr.strip() == (
-            "hvcodistill.cluster: error: the emulated cluster needs root (network namespaces and tc)"), user
+            "hvcodistill.cluster: error: "
+            "the emulated cluster needs root (network namespaces and tc)"
+        ), user
 
 
 @needs_cluster
@@ -158,8 +179,11 @@ def test_delay_needs_netem(make_cluster):
     except ConfigError as e:
         assert "netem" in str(e)
         return
-    qdiscs = subprocess.run(["tc", "-n", c.namespace("node0"), "qdisc", "show", "dev", "eth0"],
-                            capture_output=True, text=True).stdout
+    qdiscs = subprocess.run(
+        ["tc", "-n", c.namespace("node0"), "qdisc", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "netem" in qdiscs and "tbf" in qdiscs, qdiscs
 
 
@@ -177,18 +201,25 @@ print(n, time.perf_counter() - first, flush=True)
 """
 SENDER = """
 import socket, sys
-s = socket.create_connection((sys.argv[1], 5001), timeout=20); s.sendall(bytes(int(sys.argv[2]))); s.close()
+s = socket.create_connection((sys.argv[1], 5001), timeout=20)
+s.sendall(bytes(int(sys.argv[2]))); s.close()
 """
 
 
 def transfer(c: EmulatedCluster, src: str, dst: str, nbytes: int) -> tuple[int, float]:
     """Send `nbytes` over TCP from `src` to `dst`; (bytes received, bits/s seen by the receiver)."""
-    recv = subprocess.Popen(c.node_command(dst, [sys.executable, "-c", RECEIVER, c.address(dst)]),
-                            stdout=subprocess.PIPE, text=True)
+    recv = subprocess.Popen(
+        c.node_command(dst, [sys.executable, "-c", RECEIVER, c.address(dst)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert recv.stdout.readline().strip() == "ready"
-        subprocess.run(c.node_command(src, [sys.executable, "-c", SENDER, c.address(dst), str(nbytes)]),
-                       check=True, timeout=30)
+        subprocess.run(
+            c.node_command(src, [sys.executable, "-c", SENDER, c.address(dst), str(nbytes)]),
+            check=True,
+            timeout=30,
+        )
         n, seconds = recv.communicate(timeout=30)[0].split()
     finally:
         recv.kill()
@@ -199,24 +230,29 @@ def transfer(c: EmulatedCluster, src: str, dst: str, nbytes: int) -> tuple[int, 
 @needs_cluster
 def test_shaping_both_directions_and_reshape(make_cluster):
     c = make_cluster(2, rate="100mbit")
-    nbytes = 5_000_000                          # 0.4 s at 100 Mbit/s
+    nbytes = 5_000_000  # 0.4 s at 100 Mbit/s
     rates = {}
     for src, dst in (("node0", "node1"), ("node1", "node0")):
         t0 = time.perf_counter()
         n, rates[src, dst] = transfer(c, src, dst, nbytes)
-        print(f"100mbit {src}->{dst}: {n} B at {rates[src, dst] / 1e6:.1f} Mbit/s "
-              f"({time.perf_counter() - t0:.2f}s wall)")
+        print(
+            f"100mbit {src}->{dst}: {n} B at {rates[src, dst] / 1e6:.1f} Mbit/s "
+            f"({time.perf_counter() - t0:.2f}s wall)"
+        )
         assert n == nbytes and 75e6 <= rates[src, dst] <= 125e6, rates
     for ns, dev in ((c.namespace("node1"), "eth0"), (c.switch, c.port("node1"))):
-        out = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True
+        ).stdout
         assert "tbf" in out and "rate 100Mbit" in out, (ns, dev, out)
-    c.shape(None)                                # in place, without tearing down
+    c.shape(None)  # in place, without tearing down
     n, unshaped = transfer(c, "node0", "node1", nbytes)
     print(f"unshaped node0->node1: {unshaped / 1e6:.0f} Mbit/s")
     assert unshaped > 5 * 100e6, unshaped
 
 
 # ---------------------------------------------------------------- MPI across nodes
+
 
 @needs_cluster
 @pytest.mark.mpi
@@ -226,7 +262,9 @@ def test_mpi_ranks_see_two_nodes_and_the_ring_crosses_the_links(make_cluster):
     before = c.counters()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     after = c.counters()
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     print(proc.stdout)
     assert "nodes ok" in proc.stdout
     # Ring all-reduce of 4 MiB on 4 ranks: each rank sends 2 (W-1)/W = 1.5 x 4 MiB to the next one,
@@ -235,5 +273,7 @@ def test_mpi_ranks_see_two_nodes_and_the_ring_crosses_the_links(make_cluster):
     for host in c.hosts:
         sent = after[host]["tx_bytes"] - before[host]["tx_bytes"]
         received = after[host]["rx_bytes"] - before[host]["rx_bytes"]
-        print(f"{host}: tx {sent:,} B rx {received:,} B ({sent / need:.3f} x the ring's {need:,} B)")
+        print(
+            f"{host}: tx {sent:,} B rx {received:,} B ({sent / need:.3f} x the ring's {need:,} B)"
+        )
         assert sent >= need and received >= need

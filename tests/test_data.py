@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from hvcodistill.data import DATA_NAMES, build_datasets
+from hvcodistill.data.datasets import _digits_arrays
 from hvcodistill.errors import ConfigError
 
 
@@ -21,17 +22,23 @@ def _key(epoch, *indices):
 def test_digits_file_read_equals_load_digits():
     """The digits are read from scikit-learn's file without importing sklearn.datasets (start-up
     time); they must be exactly what load_digits() gives, dtypes included."""
-    from sklearn.datasets import load_digits
-
-    from hvcodistill.data.datasets import _digits_arrays
+    from sklearn.datasets import load_digits  # slow to import: this test only
 
     data, target = _digits_arrays()
     ref = load_digits()
     assert data.dtype == ref.data.dtype and target.dtype == ref.target.dtype
     assert np.array_equal(data, ref.data) and np.array_equal(target, ref.target)
-    imported = subprocess.run([sys.executable, "-c", "import sys; from hvcodistill.data import build_datasets; "
-                               "build_datasets('digits', seed=0); print('sklearn' in sys.modules)"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from hvcodistill.data import build_datasets; "
+            "build_datasets('digits', seed=0); print('sklearn' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert imported == "False"
 
 
@@ -49,8 +56,12 @@ def test_digits_fixed_split():
 
 def _write_npz(path, **overrides):
     rng = np.random.default_rng(0)
-    arrays = {"x_train": rng.normal(size=(6, 2, 5)), "y_train": np.array([0, 1, 2, 0, 1, 2]),
-              "x_val": rng.normal(size=(3, 2, 5)), "y_val": np.array([3, 0, 1])}
+    arrays = {
+        "x_train": rng.normal(size=(6, 2, 5)),
+        "y_train": np.array([0, 1, 2, 0, 1, 2]),
+        "x_val": rng.normal(size=(3, 2, 5)),
+        "y_val": np.array([3, 0, 1]),
+    }
     arrays.update(overrides)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
     return arrays
@@ -108,7 +119,9 @@ def test_synthetic_is_a_pure_function_of_seed_split_index():
     assert torch.equal(single[0][0], x[1])  # a sample does not depend on its batch-mates
     assert not torch.equal(spec.train[_key(0, 8, 3, 499)][0][0], x[0])
     assert not torch.equal(spec.val[_key(0, 7)][0][0], x[0])  # splits are distinct streams
-    assert not torch.equal(build_datasets("synthetic", seed=4, synthetic=SMALL).train[_key(0, 7)][0][0], x[0])
+    assert not torch.equal(
+        build_datasets("synthetic", seed=4, synthetic=SMALL).train[_key(0, 7)][0][0], x[0]
+    )
     _, labels = spec.train[_key(0, *range(500))]
     assert labels.min() >= 0 and labels.max() < 5 and len(labels.unique()) == 5
     with pytest.raises(IndexError):
@@ -153,8 +166,12 @@ def test_imagefolder_augmentation_is_deterministic(image_folder):
     rebuilt = build_datasets("imagenet", path=str(image_folder), seed=0, augment=True)
     assert torch.equal(rebuilt.train[_key(0, 0, 4)][0], x)  # e.g. another peer, or a resumed run
     assert not torch.equal(spec.train[_key(1, 0, 4)][0], x)  # a new epoch, new crops
-    assert not torch.equal(build_datasets("imagenet", path=str(image_folder), seed=1, augment=True)
-                           .train[_key(0, 0, 4)][0], x)
+    assert not torch.equal(
+        build_datasets("imagenet", path=str(image_folder), seed=1, augment=True).train[
+            _key(0, 0, 4)
+        ][0],
+        x,
+    )
     val_x = spec.val[_key(0, 1)][0]
     assert torch.equal(spec.val[_key(7, 1)][0], val_x)  # validation is never augmented
 
@@ -168,8 +185,17 @@ def test_imagefolder_class_mismatch(image_folder):
 @pytest.mark.parametrize("name", ["synthetic", "imagenet"])
 def test_dataloader_workers_match_direct_indexing(name, image_folder):
     spec = build_datasets(name, path=str(image_folder), seed=5, augment=True, synthetic=SMALL)
-    keys = [_key(epoch, *(torch.randperm(len(spec.train), generator=torch.Generator().manual_seed(epoch))[:4]
-                          .tolist())) for epoch in range(4)]
+    keys = [
+        _key(
+            epoch,
+            *(
+                torch.randperm(len(spec.train), generator=torch.Generator().manual_seed(epoch))[
+                    :4
+                ].tolist()
+            ),
+        )
+        for epoch in range(4)
+    ]
     loader = DataLoader(spec.train, sampler=keys, batch_size=None, num_workers=2)
     batches = list(loader)
     assert len(batches) == len(keys)

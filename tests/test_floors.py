@@ -6,6 +6,7 @@ its use. The declared floor must cover every feature the code uses, and equal th
 (a floor raised without a reason here fails too: add the feature that needs it). And every module
 must parse as the oldest Python declared.
 """
+
 import ast
 import re
 from pathlib import Path
@@ -13,12 +14,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*ROOT.glob("hvcodistill/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("scripts/**/*.py")])
+SOURCES = sorted(
+    [*ROOT.glob("hvcodistill/**/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("scripts/**/*.py")]
+)
 
 # (dependency, first version with it, feature, pattern over the source text)
 FACTS = [
     ("python", (3, 9), "str.removeprefix", r"\.removeprefix\("),
-    ("python", (3, 9), "builtin generics in annotations read at run time (list[int])", r":\s*list\[\w+\]\s*="),
+    (
+        "python",
+        (3, 9),
+        "builtin generics in annotations read at run time (list[int])",
+        r":\s*list\[\w+\]\s*=",
+    ),
     ("python", (3, 10), "zip(strict=True)", r"\bzip\([^)]*strict="),
     ("python", (3, 10), "dataclass(slots=/kw_only=)", r"@dataclass\([^)]*(slots|kw_only)="),
     ("python", (3, 10), "match statement", r"^\s*match\s+[^=]+:\s*$"),
@@ -43,7 +51,7 @@ TIGHT = ("python", "torch")
 
 
 def declared() -> dict[str, tuple[int, ...]]:
-    """{dependency: floor} from pyproject.toml (read as text: tomllib is 3.11+, the floor is 3.10)."""
+    """{dependency: floor} from pyproject.toml (as text: tomllib is 3.11+, the floor 3.10)."""
     text = (ROOT / "pyproject.toml").read_text()
     floors = {"python": re.search(r'^requires-python\s*=\s*">=\s*([\d.]+)"', text, re.M).group(1)}
     deps = re.search(r"^dependencies\s*=\s*\[(.*?)^\]", text, re.M | re.S).group(1)
@@ -53,21 +61,33 @@ def declared() -> dict[str, tuple[int, ...]]:
 
 
 def _runtime_pep604(tree: ast.AST, source: str) -> bool:
-    """`X | None` that Python evaluates (an annotation without `from __future__ import annotations`)."""
-    future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
-                 any(a.name == "annotations" for a in n.names) for n in ast.walk(tree))
+    """`X | None` that Python evaluates (an annotation, without
+    `from __future__ import annotations`)."""
+    future = any(
+        isinstance(n, ast.ImportFrom)
+        and n.module == "__future__"
+        and any(a.name == "annotations" for a in n.names)
+        for n in ast.walk(tree)
+    )
     if future:
         return False
     annotations = []
     for n in ast.walk(tree):
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
             a = n.args
-            annotations += [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg)
-                            if x is not None and x.annotation is not None]
+            annotations += [
+                x.annotation
+                for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg)
+                if x is not None and x.annotation is not None
+            ]
             annotations += [n.returns] if n.returns else []
         elif isinstance(n, ast.AnnAssign):
             annotations.append(n.annotation)
-    return any(isinstance(m, ast.BinOp) and isinstance(m.op, ast.BitOr) for a in annotations for m in ast.walk(a))
+    return any(
+        isinstance(m, ast.BinOp) and isinstance(m.op, ast.BitOr)
+        for a in annotations
+        for m in ast.walk(a)
+    )
 
 
 def needed() -> dict[str, tuple[tuple[int, ...], list[str]]]:
@@ -95,18 +115,26 @@ def needed() -> dict[str, tuple[tuple[int, ...], list[str]]]:
 def test_facts_find_what_they_should():
     """The patterns are live: the code's own known uses are found."""
     found = needed()
-    assert found["torch"][0] == (2, 3) and any("GradScaler" in w for w in found["torch"][1]), found["torch"]
+    assert found["torch"][0] == (2, 3) and any("GradScaler" in w for w in found["torch"][1]), found[
+        "torch"
+    ]
     assert any("conftest.py" in w for w in found["python"][1]), found["python"]
 
 
 @pytest.mark.parametrize("dep", ["python", "torch", "torchvision", "numpy"])
 def test_declared_floor_covers_the_code(dep):
     floors, (version, where) = declared(), needed()[dep]
-    assert dep in floors, f"pyproject.toml declares no floor for {dep}; the code needs {version}: {where}"
-    assert floors[dep] >= version, f"{dep} floor {floors[dep]} is below {version}, needed by {where}"
+    assert dep in floors, (
+        f"pyproject.toml declares no floor for {dep}; the code needs {version}: {where}"
+    )
+    assert floors[dep] >= version, (
+        f"{dep} floor {floors[dep]} is below {version}, needed by {where}"
+    )
     if dep in TIGHT:
-        assert floors[dep] == version, (f"{dep} floor {floors[dep]} is above what the code needs ({version}, "
-                                        f"{where}): add the feature that needs it to FACTS")
+        assert floors[dep] == version, (
+            f"{dep} floor {floors[dep]} is above what the code needs ({version}, "
+            f"{where}): add the feature that needs it to FACTS"
+        )
 
 
 def test_every_module_parses_as_the_oldest_python_declared():

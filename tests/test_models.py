@@ -8,9 +8,16 @@ from hvcodistill.errors import ConfigError
 from hvcodistill.models import MODEL_NAMES, build_model
 
 # (name, input_shape, batch): the torchvision models are big, so they get 3x32x32 and batch 2.
-CASES = [("mlp", (1, 8, 8), 4), ("cnn", (1, 8, 8), 4), ("cnn", (3, 16, 12), 4),
-         ("resnet18_cifar", (3, 32, 32), 2), ("resnet18_cifar", (1, 8, 8), 2),
-         ("resnet50", (3, 32, 32), 2), ("resnet50", (1, 32, 32), 2), ("resnext101_32x8d", (3, 32, 32), 2)]
+CASES = [
+    ("mlp", (1, 8, 8), 4),
+    ("cnn", (1, 8, 8), 4),
+    ("cnn", (3, 16, 12), 4),
+    ("resnet18_cifar", (3, 32, 32), 2),
+    ("resnet18_cifar", (1, 8, 8), 2),
+    ("resnet50", (3, 32, 32), 2),
+    ("resnet50", (1, 32, 32), 2),
+    ("resnext101_32x8d", (3, 32, 32), 2),
+]
 
 
 def test_every_name_is_covered():
@@ -40,7 +47,12 @@ def test_resnet18_cifar_keeps_resolution_in_stem():
     model = build_model("resnet18_cifar", input_shape=(3, 32, 32), num_classes=10)
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
     assert isinstance(model.maxpool, nn.Identity)
-    assert [len(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)] == [2, 2, 2, 2]
+    assert [len(layer) for layer in (model.layer1, model.layer2, model.layer3, model.layer4)] == [
+        2,
+        2,
+        2,
+        2,
+    ]
 
 
 def test_unknown_name():

@@ -1,7 +1,7 @@
 import pytest
 
-from hvcodistill.errors import ConfigError
 from hvcodistill.comm.topology import Topology
+from hvcodistill.errors import ConfigError
 
 
 def test_contiguous_groups_and_peers():

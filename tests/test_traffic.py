@@ -1,11 +1,22 @@
 """The byte model (hvcodistill/comm/traffic.py) against hand counts; no MPI."""
+
 import pytest
 
-from hvcodistill.comm.traffic import (COLLECTIVES, LINKS, NodeLayout, Traffic, allgather_sends,
-                                      gather_sends, hierarchical_allreduce_sends, horovod_algorithm,
-                                      job_allreduce_bytes, per_step, ring_allreduce_sends)
+from hvcodistill.comm.topology import NodeLayout
+from hvcodistill.comm.traffic import (
+    COLLECTIVES,
+    LINKS,
+    Traffic,
+    allgather_sends,
+    gather_sends,
+    hierarchical_allreduce_sends,
+    horovod_algorithm,
+    job_allreduce_bytes,
+    per_step,
+    ring_allreduce_sends,
+)
 
-TWO_BY_TWO = NodeLayout.contiguous(4, 2)      # ranks 0,1 on node 0; 2,3 on node 1
+TWO_BY_TWO = NodeLayout.contiguous(4, 2)  # ranks 0,1 on node 0; 2,3 on node 1
 MB = 16_000_000
 
 
@@ -20,22 +31,27 @@ def test_ring_over_two_nodes_crosses_twice():
     sends = {r: ring_allreduce_sends([0, 1, 2, 3], r, MB, TWO_BY_TWO) for r in range(4)}
     assert sends[0] == {"intra_node": 24_000_000, "inter_node": 0}
     assert sends[1] == {"intra_node": 0, "inter_node": 24_000_000}
-    assert job_allreduce_bytes("ring", TWO_BY_TWO, [0, 1, 2, 3], MB) == \
-        {"intra_node": 48_000_000, "inter_node": 48_000_000}
+    assert job_allreduce_bytes("ring", TWO_BY_TWO, [0, 1, 2, 3], MB) == {
+        "intra_node": 48_000_000,
+        "inter_node": 48_000_000,
+    }
 
 
 def test_group_inside_a_node_never_crosses_and_one_rank_sends_nothing():
-    assert job_allreduce_bytes("ring", TWO_BY_TWO, [2, 3], MB) == {"intra_node": 32_000_000, "inter_node": 0}  # S each
+    assert job_allreduce_bytes("ring", TWO_BY_TWO, [2, 3], MB) == {
+        "intra_node": 32_000_000,
+        "inter_node": 0,
+    }  # S each
     assert ring_allreduce_sends([3], 3, MB, TWO_BY_TWO) == {"intra_node": 0, "inter_node": 0}
 
 
 def test_hierarchical_sends_one_shard_across():
-    layout = NodeLayout.contiguous(8, 4)        # 2 nodes of 4
+    layout = NodeLayout.contiguous(8, 4)  # 2 nodes of 4
     mine = hierarchical_allreduce_sends(list(range(8)), 5, MB, layout)
     # inside the node: 2 (L-1)/L S; across: a ring of n=2 nodes on an S/L shard: 2 (n-1)/n S/L
     assert mine == {"intra_node": 2 * 3 * MB // 4, "inter_node": MB // 4}
     total = job_allreduce_bytes("hierarchical", layout, list(range(8)), MB)
-    assert total["inter_node"] == 2 * MB          # 2 (n-1) S for the whole job
+    assert total["inter_node"] == 2 * MB  # 2 (n-1) S for the whole job
 
 
 def test_allgather_and_gather_attribute_each_transfer():
@@ -59,10 +75,13 @@ def test_traffic_round_trips_and_per_step():
     assert rows["total"] == {"intra_node": 2, "inter_node": 7}
 
 
-@pytest.mark.parametrize("device,env,want", [
-    ("cpu", {"HOROVOD_HIERARCHICAL_ALLREDUCE": "1"}, "ring"),     # NCCL-only in Horovod
-    ("cuda", {"HOROVOD_HIERARCHICAL_ALLREDUCE": "1"}, "hierarchical"),
-    ("cuda", {}, "ring"),
-])
+@pytest.mark.parametrize(
+    "device,env,want",
+    [
+        ("cpu", {"HOROVOD_HIERARCHICAL_ALLREDUCE": "1"}, "ring"),  # NCCL-only in Horovod
+        ("cuda", {"HOROVOD_HIERARCHICAL_ALLREDUCE": "1"}, "hierarchical"),
+        ("cuda", {}, "ring"),
+    ],
+)
 def test_algorithm_follows_horovod(device, env, want):
     assert horovod_algorithm(device, env) == want

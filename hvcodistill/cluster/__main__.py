@@ -1,8 +1,10 @@
 """Emulate a multi-node cluster on this machine (root): network namespaces joined by shaped links.
 
-    python -m hvcodistill.cluster up --nodes 2 [--rate 1gbit] [--delay 100us] [--mtu 9000] [--name hvc] [--replace]
+    python -m hvcodistill.cluster up --nodes 2 [--rate 1gbit] [--delay 100us] [--mtu 9000]
+        [--name hvc] [--replace]
     python -m hvcodistill.cluster run -np 4 [--slots 2] [-x VAR[=VALUE]] -- COMMAND...
-        e.g. run -np 4 -- .venv/bin/python -m hvcodistill.train --config configs/digits_codistill.yaml
+        e.g. run -np 4 -- .venv/bin/python -m hvcodistill.train \\
+                 --config configs/digits_codistill.yaml
     python -m hvcodistill.cluster status [--name hvc]          (default: every cluster up)
     python -m hvcodistill.cluster shape --rate 100mbit [--delay 100us] [--name hvc]
     python -m hvcodistill.cluster down [--name hvc]
@@ -11,6 +13,7 @@ Rates: 100mbit, 1gbit, 10gbit, ... or none/unshaped; each node's link is shaped 
 A delay needs the kernel's netem qdisc. Bad input: one line and exit code 2; a failing system
 command during up/shape: one line and exit code 1, with whatever up had made removed again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +28,20 @@ PROG = "python -m hvcodistill.cluster"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="create the nodes, the switch and the shaped links")
     up.add_argument("--nodes", type=int, default=2)
-    up.add_argument("--rate", default=None, help="per-link rate each way: 100mbit, 1gbit, 10gbit, none (default)")
-    up.add_argument("--delay", default=None, help="added one-way delay per link hop, e.g. 100us (needs netem)")
+    up.add_argument(
+        "--rate",
+        default=None,
+        help="per-link rate each way: 100mbit, 1gbit, 10gbit, none (default)",
+    )
+    up.add_argument(
+        "--delay", default=None, help="added one-way delay per link hop, e.g. 100us (needs netem)"
+    )
     up.add_argument("--mtu", type=int, default=9000, help="link MTU (default 9000, jumbo frames)")
     up.add_argument("--replace", action="store_true", help="take down a cluster of that name first")
     shape = sub.add_parser("shape", help="change the rate/delay of a running cluster")
@@ -40,12 +51,22 @@ def parse_args(argv):
     sub.add_parser("status", help="what is up, its shaping and byte counters")
     run = sub.add_parser("run", help="mpirun on the cluster that is up (from node0)")
     run.add_argument("-np", type=int, required=True, help="number of ranks")
-    run.add_argument("--slots", type=int, default=None, help="ranks per node (default ceil(np / nodes))")
-    run.add_argument("-x", dest="env", action="append", default=[], metavar="VAR[=VALUE]",
-                     help="also pass this environment variable to the ranks")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every rank runs")
+    run.add_argument(
+        "--slots", type=int, default=None, help="ranks per node (default ceil(np / nodes))"
+    )
+    run.add_argument(
+        "-x",
+        dest="env",
+        action="append",
+        default=[],
+        metavar="VAR[=VALUE]",
+        help="also pass this environment variable to the ranks",
+    )
+    run.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- then the command every rank runs"
+    )
     for cmd, sp in sub.choices.items():
-        default = None if cmd == "status" else "hvc"        # status without --name: every cluster up
+        default = None if cmd == "status" else "hvc"  # status without --name: every cluster up
         sp.add_argument("--name", default=default, help="cluster name (default hvc)")
     args = p.parse_args(argv)
     if args.cmd == "run":
@@ -70,25 +91,33 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.cmd == "up":
-            EmulatedCluster(args.nodes, name=args.name, rate=args.rate, delay=args.delay,
-                            mtu=args.mtu).up(replace=args.replace)
+            EmulatedCluster(
+                args.nodes, name=args.name, rate=args.rate, delay=args.delay, mtu=args.mtu
+            ).up(replace=args.replace)
         elif args.cmd == "down":
             EmulatedCluster(name=args.name).down()
         elif args.cmd == "status":
             names = [n for n in clusters_up() if args.name in (None, n)]
             if not names:
-                print(f"no cluster {'is' if args.name is None else repr(args.name) + ' is'} up "
-                      f"(records in {STATE_DIR})")
+                print(
+                    f"no cluster {'is' if args.name is None else repr(args.name) + ' is'} up "
+                    f"(records in {STATE_DIR})"
+                )
             for name in names:
                 print(EmulatedCluster.attach(name).describe())
         elif args.cmd == "shape":
             cluster = EmulatedCluster.attach(args.name)
             cluster.shape(args.rate, args.delay)
-            print(f"hvcodistill.cluster: {args.name!r} links now {args.rate}"
-                  f"{', delay ' + args.delay if args.delay else ''}", file=sys.stderr)
+            print(
+                f"hvcodistill.cluster: {args.name!r} links now {args.rate}"
+                f"{', delay ' + args.delay if args.delay else ''}",
+                file=sys.stderr,
+            )
         elif args.cmd == "run":
             cluster = EmulatedCluster.attach(args.name)
-            cmd, env = cluster.mpirun_command(args.np, args.command, slots=args.slots, env=env_pairs(args.env))
+            cmd, env = cluster.mpirun_command(
+                args.np, args.command, slots=args.slots, env=env_pairs(args.env)
+            )
             return subprocess.call(cmd, env=env)
     except ConfigError as e:
         print(f"hvcodistill.cluster: error: {e}", file=sys.stderr)

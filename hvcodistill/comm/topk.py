@@ -12,6 +12,7 @@ the teacher's logits: softmax(log p / T) is exactly the teacher's softmax at tem
 k = V, so every distillation distance works unchanged and k = V equals the full exchange up to
 the payload's rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,19 +22,24 @@ import torch
 INDEX_DTYPE = torch.int32
 
 
-def topk_payload(logits: torch.Tensor, k: int, value_dtype: torch.dtype = torch.float16
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_payload(
+    logits: torch.Tensor, k: int, value_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices), each (..., k): the k largest log-probabilities of each row, and where."""
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"top-k needs 1 <= k <= {logits.shape[-1]}, got {k}")
     logp = torch.log_softmax(logits.detach().float(), dim=-1)
     values, indices = logp.topk(k, dim=-1, sorted=False)
     if value_dtype == torch.float16:
-        values = values.clamp_min(torch.finfo(torch.float16).min)   # -inf and tiny probabilities saturate
+        values = values.clamp_min(
+            torch.finfo(torch.float16).min
+        )  # -inf and tiny probabilities saturate
     return values.to(value_dtype), indices.to(INDEX_DTYPE)
 
 
-def topk_teacher_logits(values: torch.Tensor, indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def topk_teacher_logits(
+    values: torch.Tensor, indices: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """Float32 log-probabilities (..., V) rebuilt from a top-k payload (the rest spread evenly)."""
     values = values.float()
     k = values.shape[-1]
@@ -41,10 +47,12 @@ def topk_teacher_logits(values: torch.Tensor, indices: torch.Tensor, vocab_size:
     if k == vocab_size:
         rest = torch.full(out_shape, -math.inf, device=values.device)
     else:
-        kept = torch.logsumexp(values, dim=-1, keepdim=True).clamp_max(0.0)   # log of the mass sent
+        kept = torch.logsumexp(values, dim=-1, keepdim=True).clamp_max(0.0)  # log of the mass sent
         # log((1 - exp(kept)) / (V - k)), computed stably; a teacher certain of its top-k leaves
         # ~0 mass: clamp to the smallest normal float so the log stays finite
-        left = torch.log((-torch.expm1(kept)).clamp_min(torch.finfo(torch.float32).tiny)) - math.log(vocab_size - k)
+        left = torch.log(
+            (-torch.expm1(kept)).clamp_min(torch.finfo(torch.float32).tiny)
+        ) - math.log(vocab_size - k)
         rest = left.expand(out_shape).clone()
     return rest.scatter_(-1, indices.long(), values)
 

@@ -1,8 +1,8 @@
 """Bytes by link: how many bytes each collective puts on the wire, inside a node or between nodes.
 
-The node layout is found from MPI (`NodeLayout.from_mpi`: the ranks that share memory are one
-node), never from a setting. Every figure here is what one rank *sends*; summed over the world it
-is what the job moved. Two ways to know the bytes:
+The node layout (`NodeLayout`, comm/topology.py) is found from MPI, never from a setting. Every
+figure here is what one rank *sends*; summed over the world it is what the job moved. Two ways
+to know the bytes:
 
 - counted: the peer exchange and the evaluation's peer allgather know their payloads exactly.
   An allgather of P bytes per rank is attributed as its logical transfers: each rank's P bytes
@@ -21,12 +21,16 @@ is what the job moved. Two ways to know the bytes:
     2 (n-1)/n x S/L inter-node.
   Blocks are taken as S/G exactly (an MPI splits them to the element: a difference of a few bytes).
 
-Pure functions and plain objects: the only MPI call is in `NodeLayout.from_mpi`.
+Pure functions and plain objects: no MPI call.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+# NodeLayout is also imported from here by plan.py and tests/test_plan.py: once they import it from
+# comm.topology, this import serves the annotations below only.
+from hvcodistill.comm.topology import NodeLayout
 
 LINKS = ("intra_node", "inter_node")
 # Collectives whose bytes a run reports. Left out, and small: the per-step preemption flag (4
@@ -40,48 +44,6 @@ def zero() -> dict:
     return {link: 0 for link in LINKS}
 
 
-@dataclass(frozen=True)
-class NodeLayout:
-    """Which node each world rank runs on. Nodes are numbered in order of their lowest rank."""
-    node_of: tuple[int, ...]            # world rank -> node index
-    hosts: tuple[str, ...] = ()         # node index -> host name (for the record)
-
-    @classmethod
-    def from_mpi(cls, world, local) -> "NodeLayout":
-        """COMM_WORLD allgather of (lowest world rank of my shared-memory communicator, host):
-        ranks that share memory are one node, as MPI itself decides."""
-        from mpi4py import MPI
-
-        leader = local.allreduce(world.Get_rank(), op=MPI.MIN)
-        pairs = world.allgather((leader, MPI.Get_processor_name()))
-        leaders = sorted({lead for lead, _ in pairs})
-        index = {lead: i for i, lead in enumerate(leaders)}
-        hosts = tuple(dict((index[lead], host) for lead, host in pairs)[i] for i in range(len(leaders)))
-        return cls(node_of=tuple(index[lead] for lead, _ in pairs), hosts=hosts)
-
-    @classmethod
-    def contiguous(cls, world_size: int, ranks_per_node: int) -> "NodeLayout":
-        """The layout of a cluster of equal nodes with ranks placed in blocks (the planner's)."""
-        return cls(node_of=tuple(r // ranks_per_node for r in range(world_size)))
-
-    @property
-    def n_nodes(self) -> int:
-        return max(self.node_of) + 1 if self.node_of else 0
-
-    def ranks_per_node(self) -> list[int]:
-        counts = [0] * self.n_nodes
-        for node in self.node_of:
-            counts[node] += 1
-        return counts
-
-    def link(self, a: int, b: int) -> str:
-        return "intra_node" if self.node_of[a] == self.node_of[b] else "inter_node"
-
-    def as_dict(self) -> dict:
-        return {"count": self.n_nodes, "ranks_per_node": self.ranks_per_node(), "hosts": list(self.hosts),
-                "node_of_rank": list(self.node_of)}
-
-
 def ring_allreduce_sends(ranks: Sequence[int], me: int, nbytes: int, layout: NodeLayout) -> dict:
     """Bytes world rank `me` sends in a ring all-reduce of `nbytes` over `ranks` (in ring order)."""
     g = len(ranks)
@@ -92,14 +54,17 @@ def ring_allreduce_sends(ranks: Sequence[int], me: int, nbytes: int, layout: Nod
     return out
 
 
-def hierarchical_allreduce_sends(ranks: Sequence[int], me: int, nbytes: int, layout: NodeLayout) -> dict:
-    """Bytes world rank `me` sends in Horovod's hierarchical all-reduce over `ranks` (equal nodes)."""
+def hierarchical_allreduce_sends(
+    ranks: Sequence[int], me: int, nbytes: int, layout: NodeLayout
+) -> dict:
+    """Bytes world rank `me` sends in Horovod's hierarchical all-reduce over `ranks`
+    (equal nodes)."""
     on_node = [r for r in ranks if layout.node_of[r] == layout.node_of[me]]
     local, nodes = len(on_node), len({layout.node_of[r] for r in ranks})
     out = zero()
-    if local > 1:       # reduce-scatter, then allgather, inside the node
+    if local > 1:  # reduce-scatter, then allgather, inside the node
         out["intra_node"] += 2 * (local - 1) * nbytes // local
-    if nodes > 1:       # the ring across nodes, on this rank's 1/L shard
+    if nodes > 1:  # the ring across nodes, on this rank's 1/L shard
         out["inter_node"] += 2 * (nodes - 1) * (nbytes // local) // nodes
     return out
 
@@ -107,11 +72,17 @@ def hierarchical_allreduce_sends(ranks: Sequence[int], me: int, nbytes: int, lay
 def horovod_algorithm(device_type: str, environ: dict) -> str:
     """The all-reduce algorithm the byte model assumes for this run: Horovod's hierarchical
     all-reduce exists for NCCL only (GPU, HOROVOD_HIERARCHICAL_ALLREDUCE=1); otherwise a ring."""
-    hierarchical = environ.get("HOROVOD_HIERARCHICAL_ALLREDUCE", "0").strip().lower() in ("1", "true", "yes")
+    hierarchical = environ.get("HOROVOD_HIERARCHICAL_ALLREDUCE", "0").strip().lower() in (
+        "1",
+        "true",
+        "yes",
+    )
     return "hierarchical" if device_type == "cuda" and hierarchical else "ring"
 
 
-def allreduce_sends(algorithm: str, ranks: Sequence[int], me: int, nbytes: int, layout: NodeLayout) -> dict:
+def allreduce_sends(
+    algorithm: str, ranks: Sequence[int], me: int, nbytes: int, layout: NodeLayout
+) -> dict:
     if algorithm == "hierarchical":
         return hierarchical_allreduce_sends(ranks, me, nbytes, layout)
     return ring_allreduce_sends(ranks, me, nbytes, layout)
@@ -134,7 +105,9 @@ def gather_sends(root: int, me: int, nbytes: int, layout: NodeLayout) -> dict:
     return out
 
 
-def job_allreduce_bytes(algorithm: str, layout: NodeLayout, group: Sequence[int], nbytes: int) -> dict:
+def job_allreduce_bytes(
+    algorithm: str, layout: NodeLayout, group: Sequence[int], nbytes: int
+) -> dict:
     """What one all-reduce of `nbytes` over `group` moves, all its ranks together."""
     total = zero()
     for me in group:

@@ -1,16 +1,21 @@
-"""Datasets the trainer fetches whole batches from, by key ``(epoch, indices)``.
+"""The data sources by ``data.name``: in-memory arrays, synthetic data made on demand, image
+folders read per sample, and token data (data/tokens.py). ``BUILDERS`` is the one table of names.
 
-Every random draw (synthetic samples, augmentation) is a pure function of (seed, epoch or split,
-sample index), so peers fetching the same key get bit-identical batches and a resumed run sees
-the same batches again. No MPI, no Horovod, no downloads.
+No MPI, no Horovod, no downloads.
 """
 
 from __future__ import annotations
 
+import fcntl
+import gzip
+import hashlib
+import json
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import random
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -18,53 +23,43 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hvcodistill.data.base import Batch, BatchDataset, DataSpec, mix_seed
+from hvcodistill.data.tokens import text_datasets, token_datasets
 from hvcodistill.errors import ConfigError
-
-DATA_NAMES = ("digits", "mnist1d", "synthetic", "npz", "cifar10", "imagenet", "text", "tokens")
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NPZ_KEYS = ("x_train", "y_train", "x_val", "y_val")
-SYNTHETIC_DEFAULTS: dict[str, Any] = {"shape": [3, 32, 32], "num_classes": 10, "train_size": 1024, "val_size": 256}
+SYNTHETIC_DEFAULTS: dict[str, Any] = {
+    "shape": [3, 32, 32],
+    "num_classes": 10,
+    "train_size": 1024,
+    "val_size": 256,
+}
 # the config key behind each, named in errors
-SYNTHETIC_KEYS = {"shape": "data.synthetic_shape", "num_classes": "data.synthetic_classes",
-                  "train_size": "data.synthetic_train_size", "val_size": "data.synthetic_val_size"}
+SYNTHETIC_KEYS = {
+    "shape": "data.synthetic_shape",
+    "num_classes": "data.synthetic_classes",
+    "train_size": "data.synthetic_train_size",
+    "val_size": "data.synthetic_val_size",
+}
 DIGITS_VAL_SIZE = 360
 # The canonical MNIST-1D (mnist1d's get_dataset_args(), less its download url): 5000 signals,
 # 80% train. Fixed here, so a later package with other defaults cannot change the set silently.
 MNIST1D_ARGS: dict[str, Any] = {
-    "num_samples": 5000, "train_split": 0.8, "template_len": 12, "padding": [36, 60], "scale_coeff": 0.4,
-    "max_translation": 48, "corr_noise_scale": 0.25, "iid_noise_scale": 2e-2, "shear_scale": 0.75,
-    "shuffle_seq": False, "final_seq_length": 40, "seed": 42}
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def mix_seed(*parts: int) -> int:
-    """One 64-bit seed from several integers (numpy's SeedSequence hash: nearby inputs give
-    unrelated seeds, unlike ``seed + epoch + index``)."""
-    entropy = [int(p) & 0xFFFF_FFFF_FFFF_FFFF for p in parts]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
-
-
-class BatchDataset(Dataset):
-    """Map-style dataset whose items are whole batches: ``ds[(epoch, indices)] -> (x, y)`` with
-    x float32 (B, *input_shape) and y int64 (B,). Used through a DataLoader with batch_size=None
-    and a sampler that yields keys."""
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def fetch(self, epoch: int, indices: torch.Tensor) -> Batch:
-        raise NotImplementedError
-
-    def __getitem__(self, key: tuple[int, torch.Tensor | Sequence[int]]) -> Batch:
-        epoch, indices = key
-        indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        # Lazily generated sets would happily make up samples past the end; refuse like a list.
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
-            raise IndexError(f"batch indices must lie in [0, {len(self)})")
-        return self.fetch(int(epoch), indices)
+    "num_samples": 5000,
+    "train_split": 0.8,
+    "template_len": 12,
+    "padding": [36, 60],
+    "scale_coeff": 0.4,
+    "max_translation": 48,
+    "corr_noise_scale": 0.25,
+    "iid_noise_scale": 2e-2,
+    "shear_scale": 0.75,
+    "shuffle_seq": False,
+    "final_seq_length": 40,
+    "seed": 42,
+}
 
 
 class TensorBatchDataset(BatchDataset):
@@ -85,16 +80,20 @@ class SyntheticBatchDataset(BatchDataset):
     and noise drawn from a generator seeded by (seed, split, i). Nothing is stored per sample, so
     an ImageNet-sized set costs no memory. prototype[c] is one N(0, 1) vector seeded by `seed`,
     circularly shifted by c * (numel // num_classes): nearly orthogonal across classes, yet one
-    vector in memory and no per-class generation (1000 ImageNet-shaped prototypes would be 600 MB)."""
+    vector in memory and no per-class generation (1000 ImageNet-shaped prototypes: 600 MB)."""
 
     _STREAMS = {"prototype": 0, "train": 1, "val": 2}
 
-    def __init__(self, *, shape: tuple[int, ...], num_classes: int, size: int, seed: int, split: str) -> None:
+    def __init__(
+        self, *, shape: tuple[int, ...], num_classes: int, size: int, seed: int, split: str
+    ) -> None:
         self.shape, self.num_classes, self.size, self.seed = shape, num_classes, size, seed
         self.stream = self._STREAMS[split]
         g = torch.Generator().manual_seed(mix_seed(seed, self._STREAMS["prototype"]))
         self._base = torch.randn(math.prod(shape), generator=g)
-        self._shift = len(self._base) // num_classes  # >= 1: build_datasets checks numel >= num_classes
+        self._shift = (
+            len(self._base) // num_classes
+        )  # >= 1: build_datasets checks numel >= num_classes
 
     def __len__(self) -> int:
         return self.size
@@ -138,51 +137,29 @@ class TransformBatchDataset(BatchDataset):
                 torch.default_generator.manual_seed(mix_seed(self.seed, epoch, i))
                 try:
                     x, y = self.base[i]
-                except (OSError, ValueError) as e:   # PIL: not an image, truncated, unreadable
-                    why = ("PIL does not recognise its format" if type(e).__name__ == "UnidentifiedImageError"
-                           else str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    raise ConfigError(f"data.path: {self.sample_path(i)} cannot be read as an image: {why}") from None
+                except (OSError, ValueError) as e:  # PIL: not an image, truncated, unreadable
+                    why = (
+                        "PIL does not recognise its format"
+                        if type(e).__name__ == "UnidentifiedImageError"
+                        else str(e).splitlines()[0]
+                        if str(e)
+                        else type(e).__name__
+                    )
+                    raise ConfigError(
+                        f"data.path: {self.sample_path(i)} cannot be read as an image: {why}"
+                    ) from None
             xs.append(x)
             ys.append(int(y))
         return torch.stack(xs).float(), torch.tensor(ys, dtype=torch.int64)
 
 
-@dataclass
-class DataSpec:
-    train: BatchDataset
-    val: BatchDataset
-    input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8); token windows: (context,)
-    num_classes: int              # token data: the vocabulary size
-    sequence: bool = False        # token windows (targets (N, T), logits (N, T, V)): a language model's data
-
-
-def build_datasets(name: str, *, path: str = "", seed: int = 0, augment: bool = False,
-                   synthetic: Mapping[str, Any] | None = None, context: int = 64) -> DataSpec:
-    """Train and validation sets by ``data.name``. ``seed`` drives synthetic data and augmentation;
-    it must be the same on peers that share batches. ``augment`` applies to cifar10 and imagenet
-    (the others are in-memory or synthetic and are never augmented). ``context``: the windows of
-    token data (text, tokens: data/tokens.py)."""
-    if name in ("text", "tokens"):
-        from hvcodistill.data import tokens
-
-        return (tokens.text_datasets if name == "text" else tokens.token_datasets)(path, context=context, seed=seed)
-    if name == "digits":
-        return _digits()
-    if name == "mnist1d":
-        return _mnist1d(path)
-    if name == "synthetic":
-        return _synthetic(synthetic or {}, seed)
-    if name == "npz":
-        return _npz(path)
-    if name == "cifar10":
-        return _cifar10(path, seed, augment)
-    if name == "imagenet":
-        return _imagenet(path, seed, augment)
-    raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATA_NAMES)}")
-
-
-def _tensor_spec(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                 num_classes: int | None = None) -> DataSpec:
+def _tensor_spec(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int | None = None,
+) -> DataSpec:
     """In-memory splits; num_classes defaults to the largest label + 1 over both."""
     if num_classes is None:
         num_classes = int(max(y_train.max(), y_val.max())) + 1
@@ -206,16 +183,17 @@ def _digits() -> DataSpec:
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(data (1797, 64) float64, target (1797,)) as sklearn.datasets.load_digits() gives them,
-    read from the file scikit-learn ships: importing sklearn.datasets costs each rank about 1 s of
-    CPU at every start, the file 10 ms. load_digits() where the file is not at
+    read from the file scikit-learn ships, because importing sklearn.datasets is slow on every
+    rank at every start. load_digits() where the file is not at
     `sklearn/datasets/data/digits.csv.gz` (tests/test_data.py compares the two)."""
-    import gzip
-    from importlib.util import find_spec
-
-    spec = find_spec("sklearn")             # locates the package without importing it
-    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    spec = find_spec("sklearn")  # locates the package without importing it
+    path = (
+        Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if spec and spec.origin
+        else None
+    )
     if path is None or not path.is_file():
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # slow (see above): only where the file is missing
 
         digits = load_digits()
         return digits.data, digits.target
@@ -228,51 +206,63 @@ def _mnist1d(cache_dir: str) -> DataSpec:
     """MNIST-1D (Greydanus 2020), the canonical 4000 train / 1000 validation signals of length 40,
     generated offline by the `mnist1d` package (its own loader would download a pickle: not used).
     The set is fixed (the package's seed 42), independent of the run seed. Not saturated: an MLP
-    reaches ~70-75% (it overfits the 4000 signals). Generating takes a few seconds; the arrays are
-    cached in `cache_dir` (data.path; default $HVCODISTILL_CACHE or ~/.cache/hvcodistill) keyed by the generator's
+    overfits the 4000 signals. Generating is slow, so the arrays are cached in `cache_dir`
+    (data.path; default $HVCODISTILL_CACHE or ~/.cache/hvcodistill) keyed by the generator's
     arguments and version, written once under a lock, temp file + rename, so ranks starting
     together neither regenerate nor read a half-written file."""
-    import fcntl
-    import hashlib
-    import json
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        key = json.dumps({**MNIST1D_ARGS, "version": version("mnist1d")}, sort_keys=True)
-    except PackageNotFoundError:
-        raise ConfigError("data.name=mnist1d needs the mnist1d package: pip install mnist1d") from None
-    folder = cache_dir or os.environ.get("HVCODISTILL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hvcodistill")
+        key = json.dumps({**MNIST1D_ARGS, "version": metadata.version("mnist1d")}, sort_keys=True)
+    except metadata.PackageNotFoundError:
+        raise ConfigError(
+            "data.name=mnist1d needs the mnist1d package: pip install mnist1d"
+        ) from None
+    folder = (
+        cache_dir
+        or os.environ.get("HVCODISTILL_CACHE")
+        or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hvcodistill"
+        )
+    )
     path = os.path.join(folder, f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
     try:
         os.makedirs(folder, exist_ok=True)
         with open(path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)           # one rank generates, the others wait and read
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one rank generates, the others wait and read
             if not os.path.exists(path):
                 data = _generate_mnist1d()
                 tmp = f"{path}.tmp{os.getpid()}"
                 with open(tmp, "wb") as f:
-                    np.savez(f, x_train=data["x"], y_train=data["y"], x_val=data["x_test"], y_val=data["y_test"])
+                    np.savez(
+                        f,
+                        x_train=data["x"],
+                        y_train=data["y"],
+                        x_val=data["x_test"],
+                        y_val=data["y_test"],
+                    )
                 os.replace(tmp, path)
             with np.load(path) as archive:
                 arrays = {k: archive[k] for k in NPZ_KEYS}
     except OSError as e:
         raise ConfigError(f"data.path: cannot keep the mnist1d cache in {folder!r}: {e}") from None
     # (N, 40) -> (N, 1, 40): one channel of length 40
-    return _tensor_spec(arrays["x_train"][:, None].astype(np.float32), arrays["y_train"].astype(np.int64),
-                        arrays["x_val"][:, None].astype(np.float32), arrays["y_val"].astype(np.int64))
+    return _tensor_spec(
+        arrays["x_train"][:, None].astype(np.float32),
+        arrays["y_train"].astype(np.int64),
+        arrays["x_val"][:, None].astype(np.float32),
+        arrays["y_val"].astype(np.int64),
+    )
 
 
 def _generate_mnist1d() -> dict:
-    import random
-
-    from mnist1d.data import make_dataset        # imports scipy and matplotlib: only when generating
+    from mnist1d.data import make_dataset  # imports scipy and matplotlib: only when generating
     from mnist1d.utils import ObjectView
 
     # make_dataset reseeds the global numpy and random generators: give the caller its own back
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        return make_dataset(ObjectView({k: list(v) if isinstance(v, list) else v for k, v in MNIST1D_ARGS.items()}))
+        return make_dataset(
+            ObjectView({k: list(v) if isinstance(v, list) else v for k, v in MNIST1D_ARGS.items()})
+        )
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
@@ -287,19 +277,32 @@ def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
 def _synthetic(cfg: Mapping[str, Any], seed: int) -> DataSpec:
     unknown = sorted(set(cfg) - set(SYNTHETIC_DEFAULTS))
     if unknown:
-        raise ConfigError(f"data.synthetic_*: build_datasets got unknown synthetic key(s) {unknown}; "
-                          f"allowed: {', '.join(SYNTHETIC_DEFAULTS)}")
+        raise ConfigError(
+            f"data.synthetic_*: build_datasets got unknown synthetic key(s) {unknown}; "
+            f"allowed: {', '.join(SYNTHETIC_DEFAULTS)}"
+        )
     cfg, key = {**SYNTHETIC_DEFAULTS, **cfg}, SYNTHETIC_KEYS
     if not isinstance(cfg["shape"], Sequence) or not cfg["shape"]:
-        raise ConfigError(f"{key['shape']}: expected a list of positive integers, got {cfg['shape']!r}")
+        raise ConfigError(
+            f"{key['shape']}: expected a list of positive integers, got {cfg['shape']!r}"
+        )
     shape = tuple(_positive_int(d, key["shape"]) for d in cfg["shape"])
     num_classes = _positive_int(cfg["num_classes"], key["num_classes"], minimum=2)
     if math.prod(shape) < num_classes:
-        raise ConfigError(f"{key['shape']}: {list(shape)} has fewer values than "
-                          f"{key['num_classes']}={num_classes}")
-    sizes = {split: _positive_int(cfg[f"{split}_size"], key[f"{split}_size"]) for split in ("train", "val")}
-    train, val = (SyntheticBatchDataset(shape=shape, num_classes=num_classes, size=sizes[split], seed=seed, split=split)
-                  for split in ("train", "val"))
+        raise ConfigError(
+            f"{key['shape']}: {list(shape)} has fewer values than "
+            f"{key['num_classes']}={num_classes}"
+        )
+    sizes = {
+        split: _positive_int(cfg[f"{split}_size"], key[f"{split}_size"])
+        for split in ("train", "val")
+    }
+    train, val = (
+        SyntheticBatchDataset(
+            shape=shape, num_classes=num_classes, size=sizes[split], seed=seed, split=split
+        )
+        for split in ("train", "val")
+    )
     return DataSpec(train, val, shape, num_classes)
 
 
@@ -312,69 +315,109 @@ def _npz(path: str) -> DataSpec:
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.path: cannot read {path!r} as .npz: {e}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ConfigError(f"data.path: {path!r} is a single array, expected an .npz with {', '.join(NPZ_KEYS)}")
+        raise ConfigError(
+            f"data.path: {path!r} is a single array, expected an .npz with {', '.join(NPZ_KEYS)}"
+        )
     with archive:
         for key in NPZ_KEYS:
             if key not in archive.files:
-                raise ConfigError(f"data.path: {path!r} has no array {key!r} (needs {', '.join(NPZ_KEYS)})")
+                raise ConfigError(
+                    f"data.path: {path!r} has no array {key!r} (needs {', '.join(NPZ_KEYS)})"
+                )
         try:
-            arrays = {key: archive[key] for key in (*NPZ_KEYS, "num_classes") if key in archive.files}
+            arrays = {
+                key: archive[key] for key in (*NPZ_KEYS, "num_classes") if key in archive.files
+            }
         except (OSError, ValueError) as e:  # e.g. object arrays, refused without pickle
             raise ConfigError(f"data.path: cannot read arrays from {path!r}: {e}") from None
     where = f"data.path: {path!r} array"
-    num_classes = arrays.pop("num_classes", None)       # optional: else the largest label + 1
+    num_classes = arrays.pop("num_classes", None)  # optional: else the largest label + 1
     if num_classes is not None:
         if num_classes.shape != () or num_classes.dtype.kind not in "iu" or num_classes < 2:
-            raise ConfigError(f"{where} 'num_classes' must be one integer >= 2, got {num_classes!r}")
+            raise ConfigError(
+                f"{where} 'num_classes' must be one integer >= 2, got {num_classes!r}"
+            )
         num_classes = int(num_classes)
     for split in ("train", "val"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim < 2 or x.dtype.kind not in "biuf" or len(x) == 0:
-            raise ConfigError(f"{where} 'x_{split}' must be numeric (N, ...) with N > 0, got {x.dtype} {x.shape}")
+            raise ConfigError(
+                f"{where} 'x_{split}' must be numeric (N, ...) with N > 0, got {x.dtype} {x.shape}"
+            )
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             # NaN or inf in the inputs trains to a NaN loss, or worse to a model that looks fine
             bad = np.argwhere(~np.isfinite(x))
-            raise ConfigError(f"{where} 'x_{split}' holds {len(bad)} non-finite value(s) (NaN or inf), "
-                              f"the first at index {tuple(int(i) for i in bad[0])}")
+            raise ConfigError(
+                f"{where} 'x_{split}' holds {len(bad)} non-finite value(s) (NaN or inf), "
+                f"the first at index {tuple(int(i) for i in bad[0])}"
+            )
         if y.shape != (len(x),):
-            raise ConfigError(f"{where} 'y_{split}' must have shape ({len(x)},) to match 'x_{split}', got {y.shape}")
-        if (y.dtype.kind not in "biuf" or not np.isfinite(y).all() or (y < 0).any()
-                or (y != np.round(y)).any()):
+            raise ConfigError(
+                f"{where} 'y_{split}' must have shape ({len(x)},) to match 'x_{split}', "
+                f"got {y.shape}"
+            )
+        if (
+            y.dtype.kind not in "biuf"
+            or not np.isfinite(y).all()
+            or (y < 0).any()
+            or (y != np.round(y)).any()
+        ):
             raise ConfigError(f"{where} 'y_{split}' must hold non-negative integer labels")
         if num_classes is not None and (y >= num_classes).any():
-            raise ConfigError(f"{where} 'y_{split}' holds label {int(y.max())}, outside the class range "
-                              f"[0, {num_classes}) that array 'num_classes' gives")
+            raise ConfigError(
+                f"{where} 'y_{split}' holds label {int(y.max())}, outside the class range "
+                f"[0, {num_classes}) that array 'num_classes' gives"
+            )
         arrays[f"x_{split}"], arrays[f"y_{split}"] = x.astype(np.float32), y.astype(np.int64)
     if arrays["x_train"].shape[1:] != arrays["x_val"].shape[1:]:
-        raise ConfigError(f"data.path: {path!r} array 'x_val' per-sample shape {arrays['x_val'].shape[1:]} "
-                          f"differs from 'x_train' {arrays['x_train'].shape[1:]}")
+        raise ConfigError(
+            f"data.path: {path!r} array 'x_val' per-sample shape {arrays['x_val'].shape[1:]} "
+            f"differs from 'x_train' {arrays['x_train'].shape[1:]}"
+        )
     return _tensor_spec(*(arrays[key] for key in NPZ_KEYS), num_classes=num_classes)
 
 
 def _cifar10(path: str, seed: int, augment: bool) -> DataSpec:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets  # start-up time: image folders only
+    from torchvision import transforms as T
 
     if not os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
-        raise ConfigError(f"data.path: {path!r} must contain cifar-10-batches-py/ (CIFAR-10 python version, "
-                          "downloaded beforehand; nothing is downloaded at run time)")
+        raise ConfigError(
+            f"data.path: {path!r} must contain cifar-10-batches-py/ (CIFAR-10 python version, "
+            "downloaded beforehand; nothing is downloaded at run time)"
+        )
     normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     augmentation = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
     try:
-        train = datasets.CIFAR10(path, train=True, transform=T.Compose(augmentation + normalize), download=False)
+        train = datasets.CIFAR10(
+            path, train=True, transform=T.Compose(augmentation + normalize), download=False
+        )
         val = datasets.CIFAR10(path, train=False, transform=T.Compose(normalize), download=False)
-    except RuntimeError:  # torchvision's "Dataset not found or corrupted" (its advice, download=True, is not ours)
-        raise ConfigError(f"data.path: {os.path.join(path, 'cifar-10-batches-py')!r} is incomplete or corrupted "
-                          "(its md5 sums do not match): unpack cifar-10-python.tar.gz there again") from None
-    return DataSpec(TransformBatchDataset(train, seed=seed), TransformBatchDataset(val, seed=seed), (3, 32, 32), 10)
+    except (
+        RuntimeError
+    ):  # torchvision's "Dataset not found or corrupted" (its advice, download=True, is not ours)
+        raise ConfigError(
+            f"data.path: {os.path.join(path, 'cifar-10-batches-py')!r} is incomplete or corrupted "
+            "(its md5 sums do not match): unpack cifar-10-python.tar.gz there again"
+        ) from None
+    return DataSpec(
+        TransformBatchDataset(train, seed=seed),
+        TransformBatchDataset(val, seed=seed),
+        (3, 32, 32),
+        10,
+    )
 
 
 def _imagenet(path: str, seed: int, augment: bool) -> DataSpec:
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets  # start-up time: image folders only
+    from torchvision import transforms as T
 
     train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, "val")
     if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
-        raise ConfigError(f"data.path: {path!r} must hold train/<class>/<image> and val/<class>/<image> "
-                          "(ImageFolder layout, same class folders in both)")
+        raise ConfigError(
+            f"data.path: {path!r} must hold train/<class>/<image> and val/<class>/<image> "
+            "(ImageFolder layout, same class folders in both)"
+        )
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     center = [T.Resize(256), T.CenterCrop(224)]
     augmentation = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if augment else center
@@ -384,19 +427,59 @@ def _imagenet(path: str, seed: int, augment: bool) -> DataSpec:
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or a class without images
         raise ConfigError(f"data.path: {path!r}: {e}") from None
     if train.classes != val.classes:
-        raise ConfigError(f"data.path: {val_dir!r} class folders differ from {train_dir!r} "
-                          f"({len(val.classes)} vs {len(train.classes)} classes)")
-    return DataSpec(TransformBatchDataset(train, seed=seed), TransformBatchDataset(val, seed=seed),
-                    (3, 224, 224), len(train.classes))
+        raise ConfigError(
+            f"data.path: {val_dir!r} class folders differ from {train_dir!r} "
+            f"({len(val.classes)} vs {len(train.classes)} classes)"
+        )
+    return DataSpec(
+        TransformBatchDataset(train, seed=seed),
+        TransformBatchDataset(val, seed=seed),
+        (3, 224, 224),
+        len(train.classes),
+    )
 
 
-__all__ = ["DATA_NAMES", "BatchDataset", "DataSpec", "SyntheticBatchDataset", "TensorBatchDataset",
-           "TransformBatchDataset", "build_datasets", "make_loader", "mix_seed"]
+# data.name -> builder, called with build_datasets' keywords (each takes the ones it needs).
+# The one list of data set names: DATA_NAMES is read from this table.
+BUILDERS: dict[str, Callable[..., DataSpec]] = {
+    "digits": lambda **_: _digits(),
+    "mnist1d": lambda *, path, **_: _mnist1d(path),
+    "synthetic": lambda *, synthetic, seed, **_: _synthetic(synthetic or {}, seed),
+    "npz": lambda *, path, **_: _npz(path),
+    "cifar10": lambda *, path, seed, augment, **_: _cifar10(path, seed, augment),
+    "imagenet": lambda *, path, seed, augment, **_: _imagenet(path, seed, augment),
+    "text": lambda *, path, seed, context, **_: text_datasets(path, context=context, seed=seed),
+    "tokens": lambda *, path, seed, context, **_: token_datasets(path, context=context, seed=seed),
+}
+DATA_NAMES = tuple(BUILDERS)
 
 
-def make_loader(dataset, keys, *, workers: int, device: torch.device):
-    """Batches by key. Workers start by forkserver (forking after MPI_Init is unsafe on InfiniBand)
-    and an own generator keeps the loader from drawing on the global RNG (exact resume)."""
-    return torch.utils.data.DataLoader(
-        dataset, sampler=keys, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        multiprocessing_context="forkserver" if workers > 0 else None, generator=torch.Generator())
+def build_datasets(
+    name: str,
+    *,
+    path: str = "",
+    seed: int = 0,
+    augment: bool = False,
+    synthetic: Mapping[str, Any] | None = None,
+    context: int = 64,
+) -> DataSpec:
+    """Train and validation sets by ``data.name``. ``seed`` drives synthetic data and augmentation;
+    it must be the same on peers that share batches. ``augment`` applies to cifar10 and imagenet
+    (the others are in-memory or synthetic and are never augmented). ``context``: the windows of
+    token data (text, tokens: data/tokens.py)."""
+    builder = BUILDERS.get(name)
+    if builder is None:
+        raise ConfigError(
+            f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATA_NAMES)}"
+        )
+    return builder(path=path, seed=seed, augment=augment, synthetic=synthetic, context=context)
+
+
+__all__ = [
+    "BUILDERS",
+    "DATA_NAMES",
+    "SyntheticBatchDataset",
+    "TensorBatchDataset",
+    "TransformBatchDataset",
+    "build_datasets",
+]

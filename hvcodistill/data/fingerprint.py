@@ -12,6 +12,7 @@ set holds, not of where it lies, so copies of the same files at different paths 
 A data set of another kind may define `fingerprint() -> bytes`; otherwise its type and length
 stand in (documented, weaker). No MPI here: train.check_same_data compares the results.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,15 +21,21 @@ import os
 import numpy as np
 import torch
 
-from hvcodistill.data.datasets import (DataSpec, SyntheticBatchDataset, TensorBatchDataset,
-                                       TransformBatchDataset)
+from hvcodistill.data.datasets import (
+    DataSpec,
+    SyntheticBatchDataset,
+    TensorBatchDataset,
+    TransformBatchDataset,
+)
 
 
 def data_fingerprint(data: DataSpec) -> str:
     """Hex digest of the train and validation sets' content, shape and classes. May raise OSError
     (a file of a lazy set vanished or is unreadable)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(data.input_shape), data.num_classes, len(data.train), len(data.val))).encode())
+    h.update(
+        repr((tuple(data.input_shape), data.num_classes, len(data.train), len(data.val))).encode()
+    )
     for split in (data.train, data.val):
         _update(h, split)
     return h.hexdigest()
@@ -47,10 +54,11 @@ def _update(h, ds) -> None:
     elif isinstance(ds, TransformBatchDataset):
         h.update(repr(ds.seed).encode())
         base = ds.base
-        if hasattr(base, "samples") and hasattr(base, "root"):          # ImageFolder: files, not pixels
+        if hasattr(base, "samples") and hasattr(base, "root"):  # ImageFolder: files, not pixels
             for path, label in base.samples:
-                h.update(f"{os.path.relpath(path, base.root)}\0{os.path.getsize(path)}\0{label}\n".encode())
-        elif hasattr(base, "data") and hasattr(base, "targets"):        # CIFAR-10: arrays in memory
+                rel = os.path.relpath(path, base.root)
+                h.update(f"{rel}\0{os.path.getsize(path)}\0{label}\n".encode())
+        elif hasattr(base, "data") and hasattr(base, "targets"):  # CIFAR-10: arrays in memory
             _array(h, base.data)
             _array(h, base.targets)
         else:

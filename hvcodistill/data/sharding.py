@@ -7,6 +7,7 @@ models) take the very same slice; with `disjoint` order model m is rotated by m/
 so at every step peers hold disjoint samples and each model still sees the whole set per epoch.
 The last incomplete block is dropped: every rank takes the same number of steps.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,22 +22,25 @@ from hvcodistill.errors import ConfigError
 @dataclass(frozen=True)
 class BatchPlan:
     n_samples: int
-    batch_size: int          # per rank
+    batch_size: int  # per rank
     group_size: int
     group_rank: int
     n_models: int
     model_id: int
-    order: str               # shared | disjoint
+    order: str  # shared | disjoint
     seed: int
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
             raise ConfigError(
-                f"train.batch_size={self.batch_size} x group size {self.group_size} is larger than the "
-                f"training set ({self.n_samples} samples): lower train.batch_size")
+                f"train.batch_size={self.batch_size} x group size {self.group_size} is larger "
+                f"than the training set ({self.n_samples} samples): lower train.batch_size"
+            )
         if self.order == "disjoint" and self.steps_per_epoch < self.n_models:
-            raise ConfigError(f"data.order=disjoint needs at least codistill.n_models={self.n_models} "
-                              f"steps per epoch, got {self.steps_per_epoch}")
+            raise ConfigError(
+                f"data.order=disjoint needs at least codistill.n_models={self.n_models} "
+                f"steps per epoch, got {self.steps_per_epoch}"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -48,7 +52,9 @@ class BatchPlan:
         if self.order == "disjoint":
             j = (j + self.model_id * self.steps_per_epoch // self.n_models) % self.steps_per_epoch
         start = (j * self.group_size + self.group_rank) * self.batch_size
-        return epoch, _permutation(self.n_samples, self.seed, epoch)[start:start + self.batch_size].clone()
+        return epoch, _permutation(self.n_samples, self.seed, epoch)[
+            start : start + self.batch_size
+        ].clone()
 
     def keys(self, start: int, stop: int):
         """The keys of steps [start, stop): the sampler a DataLoader iterates."""
@@ -70,14 +76,14 @@ class _Keys:
 
 @lru_cache(maxsize=2)
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    # modulo 2**64, as torch itself takes a seed (any train.seed gives a valid one; smaller
-    # products, all that fitted before, are unchanged, so the order of existing runs stays)
+    # modulo 2**64, as torch itself takes a seed: any train.seed gives a valid one
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) & 0xFFFF_FFFF_FFFF_FFFF)
     return torch.randperm(n, generator=g)
 
 
-def batch_checksum(epoch: int, indices: torch.Tensor, x: torch.Tensor | None = None,
-                   y: torch.Tensor | None = None) -> int:
+def batch_checksum(
+    epoch: int, indices: torch.Tensor, x: torch.Tensor | None = None, y: torch.Tensor | None = None
+) -> int:
     """A cheap fingerprint of a batch, compared between peers: the plan (epoch and sample indices)
     and, given the batch delivered (x, y), its content (`content_digest`), so that peers reading
     different data of the same shape disagree although they follow the same plan."""
@@ -116,7 +122,8 @@ def _bits32(x: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=8)
 def _weights(n: int, device: torch.device) -> torch.Tensor:
-    """n fixed pseudo-random weights in [1, bound]: n * 2**32 * bound < 2**63, so sums never overflow."""
+    """n fixed pseudo-random weights in [1, bound]: n * 2**32 * bound < 2**63, so sums never
+    overflow."""
     bound = max(1, min(2**16, 2**31 // max(n, 1)))
     g = torch.Generator().manual_seed(0x6876_6364)
     return torch.randint(1, bound + 1, (n,), generator=g, dtype=torch.int64).to(device)

@@ -4,6 +4,7 @@
 `scaled_dot_product_attention(is_causal=True)`, so position t sees tokens 0..t only; input and
 output embeddings are tied (one V x width matrix), as in GPT-2.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -37,8 +39,9 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -48,11 +51,24 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     """`layers` blocks of `heads`-head attention at `width`, over a context of `context` tokens."""
 
-    def __init__(self, *, vocab_size: int, context: int, layers: int = 2, heads: int = 4, width: int = 128,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        context: int,
+        layers: int = 2,
+        heads: int = 4,
+        width: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
-        for key, value in (("model.layers", layers), ("model.heads", heads), ("model.width", width),
-                           ("model.context", context), ("vocabulary size", vocab_size)):
+        for key, value in (
+            ("model.layers", layers),
+            ("model.heads", heads),
+            ("model.width", width),
+            ("model.context", context),
+            ("vocabulary size", vocab_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key}: need a positive integer, got {value!r}")
         if width % heads:
@@ -66,9 +82,9 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
-        self.head.weight = self.tok.weight                      # tied input and output embeddings
+        self.head.weight = self.tok.weight  # tied input and output embeddings
         self.apply(self._init)
-        for name, p in self.named_parameters():                 # GPT-2: scaled residual projections
+        for name, p in self.named_parameters():  # GPT-2: scaled residual projections
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * layers))
 

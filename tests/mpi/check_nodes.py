@@ -4,14 +4,14 @@ Checks that Open MPI sees two nodes: processor names, the shared-memory split {0
 {2,3} on node1, Horovod's local ranks and a Horovod sum over the world; then all-reduces 4 MiB with
 MPI so that the test can compare the bytes each node's link carried with the ring's share.
 """
+
 import socket
 import sys
 
-import numpy as np
-from mpi4py import MPI
-
 import horovod.torch as hvd
+import numpy as np
 import torch
+from mpi4py import MPI
 
 ALLREDUCE_BYTES = 4 * 2**20
 
@@ -26,7 +26,7 @@ def fail(msg):
 
 host = socket.gethostname()
 name = MPI.Get_processor_name()
-node = world.Split_type(MPI.COMM_TYPE_SHARED)   # the ranks Open MPI considers on this rank's node
+node = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks Open MPI considers on this rank's node
 members = node.allgather(rank)
 placement = world.gather((rank, host, name, members), root=0)
 if rank == 0:
@@ -42,7 +42,9 @@ if members != [2 * (rank // 2), 2 * (rank // 2) + 1]:
 hvd.init()
 if (hvd.size(), hvd.local_size(), hvd.local_rank()) != (size, 2, rank % 2):
     fail(f"horovod size {hvd.size()} local {hvd.local_rank()}/{hvd.local_size()}")
-total = hvd.allreduce(torch.full((1000,), float(rank + 1)), op=hvd.Sum, name="sum").unique().tolist()
+total = (
+    hvd.allreduce(torch.full((1000,), float(rank + 1)), op=hvd.Sum, name="sum").unique().tolist()
+)
 if total != [size * (size + 1) / 2]:
     fail(f"horovod sum {total} != {size * (size + 1) / 2}")
 
@@ -55,4 +57,7 @@ if not np.all(out == size * (size + 1) / 2):
     fail("MPI allreduce sum wrong")
 world.Barrier()
 if rank == 0:
-    print(f"nodes ok: 2 nodes x 2 ranks, horovod sum {total[0]:g}, allreduce {ALLREDUCE_BYTES} bytes", flush=True)
+    print(
+        f"nodes ok: 2 nodes x 2 ranks, horovod sum {total[0]:g}, allreduce {ALLREDUCE_BYTES} bytes",
+        flush=True,
+    )

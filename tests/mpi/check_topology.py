@@ -1,8 +1,8 @@
 """Run under mpirun with 4 ranks: the split, Horovod on group_comm, peers, THREAD_MULTIPLE."""
-from mpi4py import MPI
 
 import horovod.torch as hvd
 import torch
+from mpi4py import MPI
 
 from hvcodistill.comm.topology import split_communicators
 
@@ -11,7 +11,7 @@ rank = world.Get_rank()
 assert MPI.Query_thread() == MPI.THREAD_MULTIPLE, "MPI is not THREAD_MULTIPLE"
 comms = split_communicators(world, n_models=2)
 assert comms.topology.group_size == 2
-assert comms.model_id == rank // 2, (rank, comms.model_id)       # contiguous placement
+assert comms.model_id == rank // 2, (rank, comms.model_id)  # contiguous placement
 assert comms.group.Get_size() == 2 and comms.group_rank == rank % 2
 
 hvd.init(comm=comms.group)
