@@ -1,51 +1,93 @@
 """The benchmark as a user runs it: one line and exit 2 for bad input before any rank starts, and
 a small real run on this host that prints every variant, the reference loop and the ratio."""
+
 import subprocess
 import sys
 
 import pytest
 
+from hvcodistill import bench as bench_command
 from hvcodistill.bench import REFERENCE, VARIANTS, crossovers, render, rows_for
 from tests.conftest import ROOT
 
 
 def bench(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "hvcodistill.bench", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hvcodistill.bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("args,says", [
-    (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
-    (["codistill.nope=1"], "codistill.nope"),
-    (["-np", "3"], "-np"),
-    (["--cluster", "--nodes", "3"], "--nodes"),
-])
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+        (["codistill.nope=1"], "codistill.nope"),
+        (["-np", "3"], "-np"),
+        (["--cluster", "--nodes", "3"], "--nodes"),
+    ],
+)
 def test_bad_input_is_one_line_before_any_rank(args, says):
     proc = bench(*args, timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert says in lines[-1] and "Traceback" not in proc.stderr and "bench: local" not in proc.stderr
+    assert (
+        says in lines[-1] and "Traceback" not in proc.stderr and "bench: local" not in proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--rates", "nonsense"], "--rates needs --cluster"),
+        (["--rates", "1gbit"], "--rates needs --cluster"),
+        (["--cluster", "--rates", "nonsense"], "--rates: bad rate 'nonsense'"),
+        (["--cluster", "--rates", ","], "--rates: no rate"),
+    ],
+)
+def test_rates_are_refused_in_process_before_anything_runs(args, says, capsys):
+    assert bench_command.main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [err.strip()] and "Traceback" not in err
+    assert err.startswith("hvcodistill.bench: error: ") and says in err
 
 
 def summary(step_s, inter=0.0, world=4, models=2):
-    return {"topology": {"world_size": world, "n_models": models}, "timing": {"step_s": step_s},
-            "bytes_per_step": {"total": {"intra_node": 1e6, "inter_node": inter}}, "nodes": {"count": 2},
-            "batch_size_per_rank": 32}
+    return {
+        "topology": {"world_size": world, "n_models": models},
+        "timing": {"step_s": step_s},
+        "bytes_per_step": {"total": {"intra_node": 1e6, "inter_node": inter}},
+        "nodes": {"count": 2},
+        "batch_size_per_rank": 32,
+    }
 
 
 def test_rows_table_and_crossovers_from_fabricated_runs():
     measured = {v.name: summary(0.1) for v in VARIANTS}
     measured["all-reduce (M=1)"] = summary(0.2, inter=48e6, models=1)
-    measured[REFERENCE.name] = {"topology": {"world_size": 4}, "timing": {"step_s": 0.19}, "batch_size_per_rank": 32}
+    measured[REFERENCE.name] = {
+        "topology": {"world_size": 4},
+        "timing": {"step_s": 0.19},
+        "batch_size_per_rank": 32,
+    }
     rows = rows_for(measured, "1gbit", {"alpha=0": 110.0})
     by = {r["variant"]: r for r in rows}
-    assert by["all-reduce (M=1)"]["inter_node_MB_per_step"] == 48 and by["alpha=0"]["samples_per_s"] == 1280
+    assert (
+        by["all-reduce (M=1)"]["inter_node_MB_per_step"] == 48
+        and by["alpha=0"]["samples_per_s"] == 1280
+    )
     assert by[REFERENCE.name]["inter_node_MB_per_step"] == 0
     text = render(rows)
-    assert "+10%" in text          # the planner's 110 ms against 100 measured
+    assert "+10%" in text  # the planner's 110 ms against 100 measured
     lines = crossovers(rows, ["1gbit"])
     assert "0.950x the reference" in lines[0]
-    assert any(line.startswith("predictions k=10") and "faster than all-reduce at: 1gbit" in line for line in lines)
+    assert any(
+        line.startswith("predictions k=10") and "faster than all-reduce at: 1gbit" in line
+        for line in lines
+    )
 
 
 def test_reference_ratio_is_the_median_of_paired_rounds():
@@ -53,16 +95,27 @@ def test_reference_ratio_is_the_median_of_paired_rounds():
     round, so a round on a slow machine (the third) moves both and not the ratio."""
     measured = {v.name: summary(0.1) for v in VARIANTS}
     measured["all-reduce (M=1)"] = {**summary(0.2, models=1), "round_step_s": [0.2, 0.25, 0.4]}
-    measured[REFERENCE.name] = {"topology": {"world_size": 4}, "timing": {"step_s": 0.19},
-                                "round_step_s": [0.19, 0.25, 0.36]}
+    measured[REFERENCE.name] = {
+        "topology": {"world_size": 4},
+        "timing": {"step_s": 0.19},
+        "round_step_s": [0.19, 0.25, 0.36],
+    }
     line = crossovers(rows_for(measured, "local"), ["local"])[0]
     assert "0.950x (median of 3 rounds paired, 0.900-1.000)" in line, line
 
 
 @pytest.mark.mpi
 def test_small_local_bench_prints_every_variant(tmp_path):
-    proc = bench("--steps", "6", "--repeat", "1", "--json", str(tmp_path / "b.json"), "model.hidden=[64]",
-                 "data.synthetic_train_size=1024")
+    proc = bench(
+        "--steps",
+        "6",
+        "--repeat",
+        "1",
+        "--json",
+        str(tmp_path / "b.json"),
+        "model.hidden=[64]",
+        "data.synthetic_train_size=1024",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for v in (*VARIANTS, REFERENCE):
         assert v.name in proc.stdout, proc.stdout

@@ -1,6 +1,7 @@
 """A tiny real study under mpirun: 2 variants x 2 seeds of studies/tiny.yaml on mnist1d, stopped
 by Ctrl-C during its first run, continued (that run resumes from its checkpoint), reported, and
 skipped entirely the third time."""
+
 import json
 import signal
 import subprocess
@@ -17,27 +18,54 @@ TINY = str(ROOT / "studies" / "tiny.yaml")
 
 
 def sweep(study_dir, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "hvcodistill.sweep", TINY, "--dir", str(study_dir), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hvcodistill.sweep", TINY, "--dir", str(study_dir), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_tiny_study_stops_resumes_reports_and_skips(tmp_path):
     study_dir = tmp_path / "tiny"
     # 1. Ctrl-C once the first run is training: its ranks write a checkpoint, the sweep exits 75.
     first = study_dir / "allreduce" / "seed_0"
-    proc = subprocess.Popen([sys.executable, "-m", "hvcodistill.sweep", TINY, "--dir", str(study_dir),
-                             "--set", "train.steps=400", "--set", "run.checkpoint_every=0"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hvcodistill.sweep",
+            TINY,
+            "--dir",
+            str(study_dir),
+            "--set",
+            "train.steps=400",
+            "--set",
+            "run.checkpoint_every=0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
-    while not ((first / "metrics.jsonl").exists() and (first / "metrics.jsonl").read_text().strip()):
+    while not (
+        (first / "metrics.jsonl").exists() and (first / "metrics.jsonl").read_text().strip()
+    ):
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "the first run did not start training in 120 s"
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, out
-    assert "the running ranks write a checkpoint and stop" in out and "run the same command to continue" in out
-    assert not (first / "summary.json").exists() and list((first / "checkpoints").glob("model_0/step_*.pt")), out
+    assert (
+        "the running ranks write a checkpoint and stop" in out
+        and "run the same command to continue" in out
+    )
+    assert not (first / "summary.json").exists() and list(
+        (first / "checkpoints").glob("model_0/step_*.pt")
+    ), out
     assert not (study_dir / "allreduce" / "seed_1").exists(), "the sweep went on after Ctrl-C"
 
     # 2. The same command continues: the interrupted run resumes, the three others run.
@@ -50,12 +78,23 @@ def test_tiny_study_stops_resumes_reports_and_skips(tmp_path):
     resumed = json.loads((first / "summary.json").read_text())
     assert 0 < resumed["resumed_from_step"] < 400 and resumed["steps"] == 400
     fresh = json.loads((study_dir / "predictions_every=1" / "seed_1" / "summary.json").read_text())
-    assert fresh["topology"] == {"world_size": 4, "n_models": 2, "group_size": 2} and fresh["resumed_from_step"] == 0
-    assert "hvcodistill: done in" in (study_dir / "predictions_every=1" / "seed_1" / "run.log").read_text()
+    assert (
+        fresh["topology"] == {"world_size": 4, "n_models": 2, "group_size": 2}
+        and fresh["resumed_from_step"] == 0
+    )
+    assert (
+        "hvcodistill: done in"
+        in (study_dir / "predictions_every=1" / "seed_1" / "run.log").read_text()
+    )
 
     # 3. The report: tables and figures of the 4 runs.
-    rep = subprocess.run([sys.executable, "-m", "hvcodistill.report", str(study_dir)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    rep = subprocess.run(
+        [sys.executable, "-m", "hvcodistill.report", str(study_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert rep.returncode == 0, rep.stderr
     md = (study_dir / "report.md").read_text()
     assert "**Runs: 4 of 4 finished.**" in md
@@ -65,6 +104,10 @@ def test_tiny_study_stops_resumes_reports_and_skips(tmp_path):
         assert (study_dir / png).stat().st_size > 10_000, png
 
     # 4. Again: everything finished, nothing is started.
-    again = sweep(study_dir, "--set", "train.steps=400", "--set", "run.checkpoint_every=0", timeout=60)
-    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4, again.stdout
+    again = sweep(
+        study_dir, "--set", "train.steps=400", "--set", "run.checkpoint_every=0", timeout=60
+    )
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4, (
+        again.stdout
+    )
     assert "differs" not in again.stdout

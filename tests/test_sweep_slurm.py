@@ -1,6 +1,7 @@
-"""`python -m hvcodistill.sweep --slurm` on the real one-node SLURM of tests/slurm_cluster.py: one job
-array, a task per run, slurm/sweep.sbatch handing each run to slurm/codistill.sbatch; one task is
-preempted (SIGUSR1 to its batch shell), requeued alone, and resumes its run."""
+"""`python -m hvcodistill.sweep --slurm` on the real one-node SLURM of tests/slurm_cluster.py: one
+job array, a task per run, slurm/sweep.sbatch handing each run to slurm/codistill.sbatch; one task
+is preempted (SIGUSR1 to its batch shell), requeued alone, and resumes its run."""
+
 import json
 import subprocess
 import sys
@@ -24,9 +25,10 @@ def test_sweep_sbatch_parses_and_requests_requeue():
     assert "#SBATCH --requeue" in directives and any("--signal=B:USR1@" in d for d in directives)
 
 
-def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):
+def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):  # noqa: F811 (fixture)
     study = tmp_path / "study.yaml"
-    study.write_text(textwrap.dedent(f"""\
+    study.write_text(
+        textwrap.dedent(f"""\
         name: arr
         config: {ROOT / "configs" / "digits_codistill.yaml"}
         ranks: 4
@@ -35,27 +37,53 @@ def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):
         overrides: [train.epochs=0, train.steps=600, train.log_every=10, train.progress=false]
         variants:
           predictions: {{}}
-        """))
+        """)
+    )
     study_dir = tmp_path / "runs"
     launcher = "srun" if slurm.mpi_plugins() & {"pmix", "pmi2"} else "mpirun"
     env = dict(slurm.env, LAUNCHER=launcher, PYTHON=sys.executable)
-    submit = subprocess.run([sys.executable, "-m", "hvcodistill.sweep", str(study), "--dir", str(study_dir),
-                             "--slurm", "--sbatch-args", ONE_NODE], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60)
+    submit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hvcodistill.sweep",
+            str(study),
+            "--dir",
+            str(study_dir),
+            "--slurm",
+            "--sbatch-args",
+            ONE_NODE,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     assert "submitted job array" in submit.stdout, submit.stdout
     array = submit.stdout.split("submitted job array ")[1].split(":")[0]
-    busy = subprocess.run([sys.executable, "-m", "hvcodistill.sweep", str(study), "--dir", str(study_dir), "--slurm"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert busy.returncode == 2 and "still queued or running" in busy.stderr, busy.stdout + busy.stderr
+    busy = subprocess.run(
+        [sys.executable, "-m", "hvcodistill.sweep", str(study), "--dir", str(study_dir), "--slurm"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert busy.returncode == 2 and "still queued or running" in busy.stderr, (
+        busy.stdout + busy.stderr
+    )
     runs = [study_dir / "predictions" / f"seed_{s}" for s in (0, 1)]
 
     def read(path):
         return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
 
     def logs():
-        return "\n".join(f"--- {p} ---\n{read(p)}" for p in [r / "run.log" for r in runs] +
-                         sorted((study_dir / "slurm").glob("*.out")))
+        return "\n".join(
+            f"--- {p} ---\n{read(p)}"
+            for p in [r / "run.log" for r in runs] + sorted((study_dir / "slurm").glob("*.out"))
+        )
 
     # Preempt task 0 once it trains: what --signal=B:USR1@300 does before a time limit.
     metrics = runs[0] / "metrics.jsonl"
@@ -76,10 +104,16 @@ def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):
     assert "(exit 75): requeueing job" in read(runs[0] / "run.log"), logs()
     other = json.loads((runs[1] / "summary.json").read_text())
     assert other["resumed_from_step"] == 0 and other["topology"]["n_models"] == 2
-    assert f"] {launcher} " in read(runs[1] / "run.log")           # codistill.sbatch's launch line
+    assert f"] {launcher} " in read(runs[1] / "run.log")  # codistill.sbatch's launch line
     assert "run predictions/seed_1 on 4 ranks" in read(next((study_dir / "slurm").glob("*_1.out")))
 
     # Submitting again finds nothing left to do.
-    again = subprocess.run([sys.executable, "-m", "hvcodistill.sweep", str(study), "--dir", str(study_dir),
-                            "--slurm"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [sys.executable, "-m", "hvcodistill.sweep", str(study), "--dir", str(study_dir), "--slurm"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 0 and "0 to submit" in again.stdout, again.stdout

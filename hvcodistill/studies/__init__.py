@@ -1,2 +1,3 @@
-"""Studies: a study file expanded into runs (spec), the statistics (stats) and the figures
-(figures) of its report. The CLIs are hvcodistill.sweep and hvcodistill.report."""
+"""Studies: a study file expanded into runs (spec), the runs started locally or on SLURM
+(runner), their results read back (results) with the statistics (stats), and the report drawn
+from them (markdown, figures). The commands are hvcodistill.sweep and hvcodistill.report."""

@@ -1,5 +1,6 @@
 """The figures of a study report (matplotlib, headless Agg): one function per figure, each taking
 the report's StudyResult and writing one PNG. A variant keeps its colour in every figure."""
+
 from __future__ import annotations
 
 import math
@@ -40,30 +41,63 @@ def accuracy_per_variant(study, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.9 * len(variants)), 4.5))
     for x, v in enumerate(variants):
         c = colour[v.name]
-        for key, dx, marker, fill in (("model_acc", -0.12, "o", c), ("ensemble_acc", 0.12, "D", "none")):
+        for key, dx, marker, fill in (
+            ("model_acc", -0.12, "o", c),
+            ("ensemble_acc", 0.12, "D", "none"),
+        ):
             values = v.values(key)
             seeds = sorted(values)
             jitter = [dx + 0.05 * ((i % 3) - 1) for i in range(len(seeds))]
-            ax.scatter([x + j for j in jitter], [values[s] * 100 for s in seeds], s=22, marker=marker,
-                       facecolors=fill, edgecolors=c, linewidths=1.1, zorder=3)
+            ax.scatter(
+                [x + j for j in jitter],
+                [values[s] * 100 for s in seeds],
+                s=22,
+                marker=marker,
+                facecolors=fill,
+                edgecolors=c,
+                linewidths=1.1,
+                zorder=3,
+            )
             stat = v.stat(key)
             if stat.n:
                 lo, hi = _interval(stat)
-                ax.errorbar([x + dx * 2.2], [stat.mean * 100], yerr=[[lo * 100], [hi * 100]], fmt="_",
-                            color="black" if key == "model_acc" else "grey", markersize=12, capsize=3, zorder=4)
+                ax.errorbar(
+                    [x + dx * 2.2],
+                    [stat.mean * 100],
+                    yerr=[[lo * 100], [hi * 100]],
+                    fmt="_",
+                    color="black" if key == "model_acc" else "grey",
+                    markersize=12,
+                    capsize=3,
+                    zorder=4,
+                )
     ax.set_xticks(range(len(variants)), [v.name for v in variants], rotation=25, ha="right")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{study.name}: accuracy per variant")
-    handles = [plt.Line2D([], [], marker="o", ls="", color="grey", label="model (mean of the run's models), one per seed"),
-               plt.Line2D([], [], marker="D", ls="", mfc="none", color="grey", label="ensemble, one per seed"),
-               plt.Line2D([], [], marker="_", ls="", color="black", markersize=12, label="mean, 95% interval")]
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            marker="o",
+            ls="",
+            color="grey",
+            label="model (mean of the run's models), one per seed",
+        ),
+        plt.Line2D(
+            [], [], marker="D", ls="", mfc="none", color="grey", label="ensemble, one per seed"
+        ),
+        plt.Line2D(
+            [], [], marker="_", ls="", color="black", markersize=12, label="mean, 95% interval"
+        ),
+    ]
     ax.legend(handles=handles, fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)
     return _finish(fig, path)
 
 
 def _log_positions(values: list[float]) -> tuple[list[float], float | None]:
-    """Zero bytes cannot sit on a log axis: they go one decade left of the smallest positive value."""
+    """Zero bytes cannot sit on a log axis: they go one decade left of the smallest positive
+    value."""
     positive = [v for v in values if v > 0]
     if not positive:
         return values, None
@@ -98,25 +132,47 @@ def tradeoff(study, path: Path) -> Path:
     """Accuracy against bytes per step: the peer exchange alone, and every collective."""
     variants = [v for v in study.variants if v.done]
     colour = colours(study)
-    panels = (("exchange_bps", "peer exchange: bytes per step, all ranks (log)"),
-              ("all_bps", "every collective (all-reduce, exchange, evaluation): bytes per step (log)"))
+    panels = (
+        ("exchange_bps", "peer exchange: bytes per step, all ranks (log)"),
+        ("all_bps", "every collective (all-reduce, exchange, evaluation): bytes per step (log)"),
+    )
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, (key, label) in zip(axes, panels):
-        rows = [(v, v.stat(key), v.stat("model_acc")) for v in variants if v.stat(key).n and v.stat("model_acc").n]
+        rows = [
+            (v, v.stat(key), v.stat("model_acc"))
+            for v in variants
+            if v.stat(key).n and v.stat("model_acc").n
+        ]
         xs, zero_at = _log_positions([b.mean for _, b, _ in rows])
         if zero_at is not None:
             xs = _dodge(xs)
         for (v, _, acc), x in zip(rows, xs):
             lo, hi = _interval(acc)
-            ax.errorbar([x], [acc.mean * 100], yerr=[[lo * 100], [hi * 100]], fmt="o", color=colour[v.name],
-                        capsize=3, markersize=6, label=v.name)
+            ax.errorbar(
+                [x],
+                [acc.mean * 100],
+                yerr=[[lo * 100], [hi * 100]],
+                fmt="o",
+                color=colour[v.name],
+                capsize=3,
+                markersize=6,
+                label=v.name,
+            )
         if zero_at is not None:
             ax.set_xscale("log")
             if any(b.mean == 0 for _, b, _ in rows):
                 ax.set_xlim(zero_at / 3, max(xs) * 3)
                 ax.axvline(zero_at * 2, color="grey", lw=0.8, ls=":")
-                ax.text(zero_at, 0.98, "0 B", transform=ax.get_xaxis_transform(), ha="center", va="top",
-                        fontsize=8, color="grey")
+                ax.text(
+                    zero_at,
+                    0.98,
+                    "0 B",
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="top",
+                    fontsize=8,
+                    color="grey",
+                )
             else:
                 ax.set_xlim(min(xs) / 2, max(xs) * 2)
         ax.set_xlabel(label)
@@ -150,17 +206,31 @@ def learning_curves(study, path: Path) -> Path | None:
         for name, n, steps, per_step in lines:
             keep = [i for i, s in enumerate(steps) if s >= start]
             xs = [steps[i] for i in keep]
-            ax.plot(xs, [sum(per_step[i]) / n for i in keep], color=colour[name], lw=1.5, label=f"{name} ({n})")
+            ax.plot(
+                xs,
+                [sum(per_step[i]) / n for i in keep],
+                color=colour[name],
+                lw=1.5,
+                label=f"{name} ({n})",
+            )
             if n > 1:
-                ax.fill_between(xs, [min(per_step[i]) for i in keep], [max(per_step[i]) for i in keep],
-                                color=colour[name], alpha=0.15, lw=0)
+                ax.fill_between(
+                    xs,
+                    [min(per_step[i]) for i in keep],
+                    [max(per_step[i]) for i in keep],
+                    color=colour[name],
+                    alpha=0.15,
+                    lw=0,
+                )
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("model validation accuracy (%)")
     axes[0].set_title("the whole run")
     axes[1].set_title("second half, enlarged")
     axes[1].legend(fontsize=8, title="variant (seeds)", title_fontsize=8)
-    fig.suptitle(f"{study.name}: validation accuracy, mean over seeds (band: lowest to highest seed)")
+    fig.suptitle(
+        f"{study.name}: validation accuracy, mean over seeds (band: lowest to highest seed)"
+    )
     return _finish(fig, path)
 
 
@@ -171,7 +241,9 @@ def every_axis(study) -> dict:
         k = v.axes.get("codistill.every")
         if k is not None and v.done:
             out.setdefault(v.base, []).append((k, v))
-    return {base: sorted(points, key=lambda p: p[0]) for base, points in out.items() if len(points) > 1}
+    return {
+        base: sorted(points, key=lambda p: p[0]) for base, points in out.items() if len(points) > 1
+    }
 
 
 def accuracy_vs_every(study, path: Path) -> Path | None:
@@ -183,15 +255,32 @@ def accuracy_vs_every(study, path: Path) -> Path | None:
     cmap = plt.get_cmap("tab10")
     for i, (base, points) in enumerate(axes_by_base.items()):
         ks = [k for k, _ in points]
-        for key, style, label in (("model_acc", "-o", "model"), ("ensemble_acc", "--D", "ensemble")):
+        for key, style, label in (
+            ("model_acc", "-o", "model"),
+            ("ensemble_acc", "--D", "ensemble"),
+        ):
             stats = [v.stat(key) for _, v in points]
             lo = [_interval(s)[0] * 100 for s in stats]
             hi = [_interval(s)[1] * 100 for s in stats]
-            ax.errorbar(ks, [s.mean * 100 for s in stats], yerr=[lo, hi], fmt=style, color=cmap(i), capsize=3,
-                        mfc="none" if key == "ensemble_acc" else cmap(i), label=f"{base}: {label}")
+            ax.errorbar(
+                ks,
+                [s.mean * 100 for s in stats],
+                yerr=[lo, hi],
+                fmt=style,
+                color=cmap(i),
+                capsize=3,
+                mfc="none" if key == "ensemble_acc" else cmap(i),
+                label=f"{base}: {label}",
+            )
     base = study.variant(study.baseline) if study.baseline else None
     if base is not None and base.stat("model_acc").n:
-        ax.axhline(base.stat("model_acc").mean * 100, color="black", ls=":", lw=1, label=f"{base.name} (baseline)")
+        ax.axhline(
+            base.stat("model_acc").mean * 100,
+            color="black",
+            ls=":",
+            lw=1,
+            label=f"{base.name} (baseline)",
+        )
     ax.set_xscale("log")
     ks = sorted({k for points in axes_by_base.values() for k, _ in points})
     ax.set_xticks(ks, [str(k) for k in ks])
@@ -209,20 +298,29 @@ def draw_all(study, out: Path) -> dict:
     figures = {}
     if not any(v.done for v in study.variants):
         return figures
-    figures["accuracy"] = (accuracy_per_variant(study, out / "accuracy.png"),
-                           "Validation accuracy per variant: each seed's run as a point (filled: the mean of its "
-                           "models; hollow: their ensemble), the mean with its 95% interval as a bar.")
-    figures["tradeoff"] = (tradeoff(study, out / "tradeoff.png"),
-                           "Accuracy against bytes per training step: left the peer exchange alone (variants that "
-                           "exchange nothing sit at the 0 B mark), right every collective, the gradient all-reduce "
-                           "included. Variants at the same value are spread a little sideways.")
+    figures["accuracy"] = (
+        accuracy_per_variant(study, out / "accuracy.png"),
+        "Validation accuracy per variant: each seed's run as a point (filled: the mean of its "
+        "models; hollow: their ensemble), the mean with its 95% interval as a bar.",
+    )
+    figures["tradeoff"] = (
+        tradeoff(study, out / "tradeoff.png"),
+        "Accuracy against bytes per training step: left the peer exchange alone (variants that "
+        "exchange nothing sit at the 0 B mark), right every collective, the gradient all-reduce "
+        "included. Variants at the same value are spread a little sideways.",
+    )
     curves = learning_curves(study, out / "curves.png")
     if curves:
-        figures["curves"] = (curves, "Validation accuracy during training, mean over seeds, the band from the "
-                                     "lowest to the highest seed.")
+        figures["curves"] = (
+            curves,
+            "Validation accuracy during training, mean over seeds, the band from the "
+            "lowest to the highest seed.",
+        )
     every = accuracy_vs_every(study, out / "accuracy_vs_every.png")
     if every:
-        figures["accuracy_vs_every"] = (every, "Accuracy against the exchange interval k (the study's "
-                                               "`codistill.every` axis), with the baseline's mean dotted.")
+        figures["accuracy_vs_every"] = (
+            every,
+            "Accuracy against the exchange interval k (the study's "
+            "`codistill.every` axis), with the baseline's mean dotted.",
+        )
     return figures
-
