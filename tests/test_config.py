@@ -1,9 +1,14 @@
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from hvcodistill.config import Config, load_config
+from hvcodistill.config import CHOICES, Config, check_against_data, load_config, start_warnings
 from hvcodistill.errors import ConfigError
+from hvcodistill.training import rundir
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -33,8 +38,17 @@ def test_file_then_overrides(tmp_path):
 
 
 def test_override_types():
-    cfg = load_config(None, ["train.steps=5", "codistill.every=10", "model.hidden=[64,32]",
-                             "optim.lr=null", "data.augment=true", "optim.lr_gamma=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "train.steps=5",
+            "codistill.every=10",
+            "model.hidden=[64,32]",
+            "optim.lr=null",
+            "data.augment=true",
+            "optim.lr_gamma=0.5",
+        ],
+    )
     assert cfg.codistill.every == 10 and type(cfg.codistill.every) is int
     assert cfg.model.hidden == [64, 32]
     assert cfg.optim.lr is None and cfg.data.augment is True and cfg.optim.lr_gamma == 0.5
@@ -42,7 +56,9 @@ def test_override_types():
 
 
 def test_exponent_numbers_are_numbers(tmp_path):
-    assert load_config(None, ["train.steps=5", "optim.weight_decay=1e-5"]).optim.weight_decay == 1e-5
+    assert (
+        load_config(None, ["train.steps=5", "optim.weight_decay=1e-5"]).optim.weight_decay == 1e-5
+    )
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  weight_decay: 1e-4\ntrain:\n  steps: 5\n")
     assert load_config(str(p), []).optim.weight_decay == 1e-4
@@ -59,10 +75,15 @@ def test_unknown_key_in_file(tmp_path):
     assert "train.batchsize" in _err(p)
 
 
-@pytest.mark.parametrize("item,key", [("codistill.every=abc", "codistill.every"),
-                                      ("train.batch_size=1.5", "train.batch_size"),
-                                      ("data.augment=1", "data.augment"),
-                                      ("model.hidden=64", "model.hidden")])
+@pytest.mark.parametrize(
+    "item,key",
+    [
+        ("codistill.every=abc", "codistill.every"),
+        ("train.batch_size=1.5", "train.batch_size"),
+        ("data.augment=1", "data.augment"),
+        ("model.hidden=64", "model.hidden"),
+    ],
+)
 def test_wrong_type(item, key):
     assert key in _err(overrides=["train.steps=5", item])
 
@@ -80,7 +101,12 @@ def test_predictions_needs_shared_order():
     base = ["train.steps=5", "codistill.mode=predictions", "data.order=disjoint"]
     assert "data.order" in _err(overrides=base + ["codistill.n_models=2"])
     assert load_config(None, base + ["codistill.n_models=1"]).data.order == "disjoint"
-    assert load_config(None, base[:1] + ["codistill.mode=weights", "data.order=disjoint"]).codistill.mode == "weights"
+    assert (
+        load_config(
+            None, base[:1] + ["codistill.mode=weights", "data.order=disjoint"]
+        ).codistill.mode
+        == "weights"
+    )
 
 
 def test_missing_file(tmp_path):
@@ -108,3 +134,204 @@ def test_empty_section_is_allowed(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("run:\ntrain:\n  steps: 5\n")
     assert load_config(str(p), []).train.steps == 5
+
+
+# ------------------------------------------------------------------------ names: the registries
+def test_choices_are_the_registries():
+    from hvcodistill.comm.exchange import PAYLOAD_DTYPES
+    from hvcodistill.comm.modes import MODES
+    from hvcodistill.data import DATA_NAMES
+    from hvcodistill.losses import DISTANCES
+    from hvcodistill.models import MODEL_NAMES
+    from hvcodistill.optim import LR_SCHEDULES, UNITS
+    from hvcodistill.training.build import OPTIMIZERS
+
+    registries = {
+        "codistill.mode": MODES,
+        "codistill.distance": DISTANCES,
+        "codistill.payload_dtype": PAYLOAD_DTYPES,
+        "data.name": DATA_NAMES,
+        "model.name": MODEL_NAMES,
+        "optim.name": OPTIMIZERS,
+        "optim.unit": UNITS,
+        "optim.lr_schedule": LR_SCHEDULES,
+    }
+    for key, registry in registries.items():
+        assert CHOICES[key] is registry, key
+    # a mode registered after config was imported is a valid name at once
+    assert "predictions" in CHOICES["codistill.mode"] and "weights" in CHOICES["codistill.mode"]
+
+
+def test_config_imports_no_command():
+    code = (
+        "import sys, hvcodistill.config; "
+        "print([m for m in ('hvcodistill.train', 'hvcodistill.training.loop') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+@pytest.mark.parametrize("value", ["false", "1", "[a]"])
+def test_choice_key_given_no_string_lists_the_choices(key, value):
+    msg = _err(overrides=["train.steps=5", f"{key}={value}"])
+    assert key in msg and f"is not one of {', '.join(CHOICES[key])}" in msg
+
+
+def test_amp_no_says_what_yaml_read(tmp_path):
+    msg = _err(overrides=["train.steps=5", "train.amp=no"])
+    assert msg.startswith("config key train.amp: False is not one of none, bf16, fp16"), msg
+    assert "yes/no" in msg
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 5\n  amp: off\n")
+    assert "is not one of none, bf16, fp16" in _err(p)
+    assert load_config(None, ["train.steps=5", "train.amp='bf16'"]).train.amp == "bf16"
+
+
+# ----------------------------------------------------------------------------- null means unset
+def test_null_epochs_or_steps_means_unset(tmp_path):
+    cfg = load_config(None, ["train.steps=5", "train.epochs=null"])
+    assert cfg.train.steps == 5 and cfg.train.epochs == 0.0 and type(cfg.train.epochs) is float
+    cfg = load_config(None, ["train.epochs=2", "train.steps=null"])
+    assert cfg.train.epochs == 2.0 and cfg.train.steps == 0 and type(cfg.train.steps) is int
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 7\n  epochs: null\n")
+    assert load_config(str(p)).train.steps == 7
+    assert "train.batch_size" in _err(overrides=["train.steps=5", "train.batch_size=null"])
+
+
+# ----------------------------------------------------------------------------- config files
+def test_duplicate_key_names_key_file_and_lines(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 5\n  batch_size: 8\n  steps: 6\n")
+    msg = _err(p)
+    assert str(p) in msg and "train.steps" in msg and "line 4" in msg and "line 2" in msg, msg
+    p.write_text("train:\n  steps: 5\nrun:\n  dir: a\ntrain:\n  batch_size: 8\n")
+    msg = _err(p)
+    assert str(p) in msg and "key train " in msg and "line 5" in msg and "line 1" in msg, msg
+
+
+def test_tab_names_file_line_and_column(tmp_path):
+    p = tmp_path / "tab.yaml"
+    p.write_text("train:\n  steps: 5\n\tbatch_size: 8\n")
+    msg = _err(p)
+    assert str(p) in msg and "line 3, column 1" in msg and "tab" in msg, msg
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# nothing but a comment\n", "{}\n", "run:\ntrain:\n"])
+def test_empty_config_file_is_refused(tmp_path, text):
+    p = tmp_path / "empty.yaml"
+    p.write_text(text)
+    assert _err(p) == f"config file {p} is empty: it sets no key"
+
+
+def test_no_config_file_keeps_working_for_library_use():
+    assert load_config(None, ["train.steps=3"]).train.steps == 3
+
+
+def test_shipped_config_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name is looked up
+    by_path = load_config(str(CONFIGS[0]))
+    assert load_config(CONFIGS[0].stem) == by_path
+    assert load_config(CONFIGS[0].name) == by_path
+    assert "config file no_such_config not found" in _err("no_such_config")
+
+
+# ----------------------------------------------------------------------------- run.dir
+@pytest.mark.parametrize("value", ["", "' '"])
+def test_empty_run_dir_is_refused(value):
+    msg = _err(overrides=["train.steps=5", f"run.dir={value}"])
+    assert msg.startswith("config key run.dir must not be empty"), msg
+
+
+def test_run_dir_name_too_long_is_refused(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    assert load_config(None, ["train.steps=5", f"run.dir={tmp_path / ('x' * limit) / 'a'}"])
+    # one character too many; as many characters as allowed, twice the bytes in UTF-8
+    for part, size in (("x" * (limit + 1), limit + 1), ("é" * limit, 2 * limit)):
+        msg = _err(overrides=["train.steps=5", f"run.dir={tmp_path / part / 'run'}"])
+        assert msg.startswith("config key run.dir:") and f"is {size} bytes long" in msg, msg
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from hvcodistill.training.rundir import lock
+held = lock(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_run_dir_lock_refuses_a_second_job(tmp_path):
+    run_dir = tmp_path / "a" / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError) as e:
+            rundir.lock(run_dir)
+        msg = str(e.value)
+        assert msg.startswith(
+            f"run.dir {run_dir} is in use by another job "
+            f"(pid {holder.pid} on host {socket.gethostname()})"
+        ), msg
+        assert "\n" not in msg
+        rundir.check_entries(run_dir, 2)  # the lock file is no entry of the wrong kind
+    finally:
+        holder.kill()
+        holder.wait()
+    held = rundir.lock(run_dir)  # the holder is gone: its lock went with it
+    assert held.held and (run_dir / rundir.LOCK).read_text().split()[0] == str(os.getpid())
+    held.release()
+    assert not (run_dir / rundir.LOCK).exists() and run_dir.is_dir()
+
+
+def test_run_dir_lock_in_one_process(tmp_path):
+    run_dir = tmp_path / "run"
+    held = rundir.lock(run_dir)
+    with pytest.raises(ConfigError, match=f"pid {os.getpid()} "):
+        rundir.lock(run_dir)
+    held.release()
+    held.release()  # twice is harmless
+    assert not run_dir.exists()  # created by the lock, empty: left as it was
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        rundir.lock(tmp_path / "file")
+    again = rundir.lock(tmp_path)  # an existing run.dir stays
+    again.release()
+    assert tmp_path.is_dir()
+
+
+# ---------------------------------------------------------------------- after the data, at start
+def test_topk_at_or_above_the_classes_is_refused():
+    cfg = load_config(None, ["train.steps=5", "codistill.topk=10"])
+    with pytest.raises(ConfigError) as e:
+        check_against_data(cfg, 10)
+    assert str(e.value).startswith("config key codistill.topk must be < the data's 10 classes")
+    check_against_data(cfg, 11)
+    check_against_data(load_config(None, ["train.steps=5"]), 2)  # 0: every logit
+
+
+def test_a_run_shorter_than_its_burn_in_is_warned_about():
+    cfg = load_config(None, ["train.steps=300", "codistill.burn_in_steps=500"])
+    assert start_warnings(cfg, 300) == [
+        "codistill.burn_in_steps=500 >= the run's 300 steps: the models never distil "
+        "(alpha is 0 throughout)"
+    ]
+    assert start_warnings(cfg, 501) == []
+    # weights mode distils from burn_in + refresh_delay (every=10: 10 + 5)
+    cfg = load_config(None, ["train.steps=15", "codistill.mode=weights", "codistill.every=10"])
+    (line,) = start_warnings(cfg, 15)
+    assert line.startswith("codistill.burn_in_steps=10 + codistill.refresh_delay=5 >= the run's 15")
+    assert start_warnings(cfg, 16) == []
+    for off in (["codistill.n_models=1"], ["codistill.alpha=0"]):
+        assert (
+            start_warnings(
+                load_config(None, ["train.steps=5", "codistill.burn_in_steps=9", *off]), 5
+            )
+            == []
+        )
