@@ -1,6 +1,6 @@
 """The errors that end a run, each with the exit code a user (or sbatch script) sees.
 
-Every exit code of the package is defined here, once (DESIGN.md's public contract). An error
+Every exit code of the package is defined here, once (docs/running.md lists them). An error
 knows whether every rank raises it at the same point (`agreed`: the job exits with its code) or
 one rank alone found it (the job is aborted with its code), and which rank says so:
 `comm.agreement.speak` turns it into one line and the exit.

@@ -7,20 +7,25 @@ from pathlib import Path
 import pytest
 
 from hvcodistill.cluster import EmulatedCluster, cluster_unavailable
-from hvcodistill.launch import mpirun_command
+from hvcodistill.mpirun import mpirun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MPI_DIR = Path(__file__).parent / "mpi"
 
 
-def run_ranks(np: int, args: list[str], *, timeout: float = 300, cwd: Path | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
+def run_ranks(
+    np: int, args: list[str], *, timeout: float = 300, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Start `np` real Open MPI ranks of `python args...` and return the finished process."""
     cmd, env = mpirun_command(np, [sys.executable, *args])
-    proc = subprocess.run(cmd, env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        pytest.fail(f"{np} ranks of {' '.join(args)} exited {proc.returncode}\n"
-                    f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"{np} ranks of {' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -31,7 +36,8 @@ def _repo_runs() -> set[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def repository_runs_untouched():
-    """Tests write under tmp_path only: the repository's runs/ (a user's results) is left as found."""
+    """Tests write under tmp_path only: the repository's runs/ (a user's results) is left as
+    found."""
     before = _repo_runs()
     yield
     new = sorted(_repo_runs() - before)
@@ -72,5 +78,3 @@ def make_cluster(tmp_path):
     for c in made:
         c.down(quiet=True)
         assert our_namespaces(c.name) == [], f"namespaces of {c.name} left behind"
-
-

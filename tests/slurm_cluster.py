@@ -12,6 +12,7 @@ ports, state and spool directories, so a SLURM or munge already running on the m
 alone. The node declares more CPUs than the machine has (SlurmdParameters=config_overrides), so
 a 4-task job fits on a 2-core CI box.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,17 @@ from pathlib import Path
 
 DAEMONS = ("slurmctld", "slurmd", "munged")
 PACKAGES = ("slurm-wlm", "munge")
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-                   "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 class SlurmError(RuntimeError):
@@ -38,26 +48,40 @@ def _which(name: str) -> str | None:
 
 
 def missing_programs() -> list[str]:
-    return [p for p in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "sinfo") if _which(p) is None]
+    return [
+        p
+        for p in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "sinfo")
+        if _which(p) is None
+    ]
 
 
 def ensure_installed() -> str | None:
-    """Install slurm-wlm and munge with apt-get when missing. Returns None when ready, else why not."""
+    """Install slurm-wlm and munge with apt-get when missing. Returns None when ready, else why
+    not."""
     if not missing_programs():
         return None
     if os.geteuid() != 0:
-        return (f"SLURM is not installed ({', '.join(missing_programs())} missing) and installing it "
-                f"needs root: apt-get install {' '.join(PACKAGES)}")
+        return (
+            f"SLURM is not installed ({', '.join(missing_programs())} missing) and installing it "
+            f"needs root: apt-get install {' '.join(PACKAGES)}"
+        )
     if shutil.which("apt-get") is None:
         return f"SLURM is not installed and there is no apt-get to install {' '.join(PACKAGES)}"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
+    for cmd in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
+    ):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
-            raise SlurmError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise SlurmError(
+                f"{' '.join(cmd)} exited {proc.returncode}:\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
     if missing_programs():
-        raise SlurmError(f"apt-get installed {' '.join(PACKAGES)} but {missing_programs()} are still missing")
+        raise SlurmError(
+            f"apt-get installed {' '.join(PACKAGES)} but {missing_programs()} are still missing"
+        )
     return None
 
 
@@ -92,9 +116,9 @@ class SlurmCluster:
         for sub in ("munge", "state", "spool", "log"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
             os.chmod(self.dir / sub, 0o700)
-        os.chmod(self.dir, 0o700)            # munged refuses group/world-writable directories
+        os.chmod(self.dir, 0o700)  # munged refuses group/world-writable directories
         key = self.dir / "munge" / "munge.key"
-        if not key.exists():                  # a private key: any >= 32 random bytes will do
+        if not key.exists():  # a private key: any >= 32 random bytes will do
             fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(1024))
@@ -146,9 +170,9 @@ MessageTimeout={self.message_timeout}
 {self._nodes_text()}"""
 
     # one node, this machine's hostname, on the loopback address
-    _per_node = ""            # slurmd pid and log file suffix (%n: the node's name, per slurmd)
+    _per_node = ""  # slurmd pid and log file suffix (%n: the node's name, per slurmd)
     slurmd_timeout = 60
-    message_timeout = 10      # SLURM's default
+    message_timeout = 10  # SLURM's default
 
     def _controller_text(self) -> str:
         return f"SlurmctldHost={self.node}(127.0.0.1)"
@@ -157,14 +181,22 @@ MessageTimeout={self.message_timeout}
         return ""
 
     def _nodes_text(self) -> str:
-        return (f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN\n"
-                f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP\n")
+        return (
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN\n"
+            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP\n"
+        )
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.dir / "log" / f"{name}.stdout", "ab")
         try:
-            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             log.close()
 
@@ -180,19 +212,36 @@ MessageTimeout={self.message_timeout}
             if ready():
                 return
             time.sleep(0.3)
-        raise SlurmError(f"timed out after {timeout or self.start_timeout:.0f}s waiting for {what}\n{self.logs()}")
+        raise SlurmError(
+            f"timed out after {timeout or self.start_timeout:.0f}s waiting for {what}\n"
+            f"{self.logs()}"
+        )
 
     def start(self) -> "SlurmCluster":
         self._write_files()
         d = self.dir
         try:
-            self._spawn("munged", [_which("munged"), "--foreground", "--force",
-                                   f"--socket={self.munge_socket}", f"--key-file={d}/munge/munge.key",
-                                   f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/log/munged.log",
-                                   f"--seed-file={d}/munge/munged.seed"])
+            self._spawn(
+                "munged",
+                [
+                    _which("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--socket={self.munge_socket}",
+                    f"--key-file={d}/munge/munge.key",
+                    f"--pid-file={d}/munge/munged.pid",
+                    f"--log-file={d}/log/munged.log",
+                    f"--seed-file={d}/munge/munged.seed",
+                ],
+            )
             self._wait_for("munged's socket", self.munge_socket.exists)
-            self._spawn("slurmctld", self._on(self.nodes[0], [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)]))
-            self._wait_for("slurmctld", lambda: self.run(["scontrol", "ping"], check=False).returncode == 0)
+            self._spawn(
+                "slurmctld",
+                self._on(self.nodes[0], [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)]),
+            )
+            self._wait_for(
+                "slurmctld", lambda: self.run(["scontrol", "ping"], check=False).returncode == 0
+            )
             for node in self.nodes:
                 self.start_slurmd(node)
             for node in self.nodes:
@@ -205,7 +254,10 @@ MessageTimeout={self.message_timeout}
     def start_slurmd(self, node: str) -> None:
         (self.dir / "spool" / node).mkdir(parents=True, exist_ok=True)
         (self.dir / "tmp" / node).mkdir(parents=True, exist_ok=True)
-        self._spawn(self._slurmd_name(node), self._on(node, [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)]))
+        self._spawn(
+            self._slurmd_name(node),
+            self._on(node, [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)]),
+        )
 
     # where the daemons run: here all on this machine as it is (EmulatedSlurmCluster: in the nodes)
     @property
@@ -253,23 +305,41 @@ MessageTimeout={self.message_timeout}
         self.stop()
 
     # ------------------------------------------------------------------ client commands
-    def run(self, argv: list[str], *, check: bool = True, timeout: float = 60, env: dict | None = None,
-            cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        check: bool = True,
+        timeout: float = 60,
+        env: dict | None = None,
+        cwd: Path | str | None = None,
+    ) -> subprocess.CompletedProcess:
         full_env = dict(self.env, **(env or {}))
         full_env["SLURM_CONF"] = str(self.conf)
-        proc = subprocess.run(self._on(self.nodes[0], argv), env=full_env, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            self._on(self.nodes[0], argv),
+            env=full_env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
-            raise SlurmError(f"{' '.join(map(str, argv))} exited {proc.returncode}\n--- stdout ---\n"
-                             f"{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}\n{self.logs()}")
+            raise SlurmError(
+                f"{' '.join(map(str, argv))} exited {proc.returncode}\n--- stdout ---\n"
+                f"{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}\n{self.logs()}"
+            )
         return proc
 
     def node_state(self, node: str | None = None) -> str:
-        out = self.run(["sinfo", "-h", "-N", "-n", node or self.node, "-o", "%T"], check=False).stdout.strip()
+        out = self.run(
+            ["sinfo", "-h", "-N", "-n", node or self.node, "-o", "%T"], check=False
+        ).stdout.strip()
         return out.splitlines()[0] if out else ""
 
     def mpi_plugins(self) -> set[str]:
-        """What `srun --mpi=list` offers (e.g. {'none', 'pmi2', 'pmix', 'pmix_v4', 'cray_shasta'})."""
+        """What `srun --mpi=list` offers (e.g. {'none', 'pmi2', 'pmix', 'pmix_v4',
+        'cray_shasta'})."""
         out = self.run(["srun", "--mpi=list"], check=False)
         text = out.stdout + out.stderr
         names = set()
@@ -282,19 +352,29 @@ MessageTimeout={self.message_timeout}
             names.add(line.split()[0].rstrip(","))
         return names
 
-    def sbatch(self, argv: list[str], *, env: dict | None = None, cwd: Path | str | None = None,
-               wait: bool = False, timeout: float = 300) -> tuple[int, subprocess.CompletedProcess]:
+    def sbatch(
+        self,
+        argv: list[str],
+        *,
+        env: dict | None = None,
+        cwd: Path | str | None = None,
+        wait: bool = False,
+        timeout: float = 300,
+    ) -> tuple[int, subprocess.CompletedProcess]:
         """Submit `sbatch --parsable argv...`; returns (job id, the finished sbatch process)."""
         cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *argv]
         proc = self.run(cmd, check=False, timeout=timeout, env=env, cwd=cwd)
         first = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
         if not first.split(";")[0].isdigit():
-            raise SlurmError(f"{' '.join(cmd)} did not submit (exit {proc.returncode})\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise SlurmError(
+                f"{' '.join(cmd)} did not submit (exit {proc.returncode})\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         return int(first.split(";")[0]), proc
 
     def job(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job -o` as a dict (JobState, Restarts, ExitCode, StdOut, ...); {} when gone."""
+        """`scontrol show job -o` as a dict (JobState, Restarts, ExitCode, StdOut, ...); {} when
+        gone."""
         proc = self.run(["scontrol", "-o", "show", "job", str(job_id)], check=False)
         if proc.returncode != 0:
             return {}
@@ -306,7 +386,8 @@ MessageTimeout={self.message_timeout}
         return fields
 
     def wait_job(self, job_id: int, *, timeout: float = 300, until=None) -> dict[str, str]:
-        """Poll until the job is finished for good (or `until(fields)` holds); returns its fields."""
+        """Poll until the job is finished for good (or `until(fields)` holds); returns its
+        fields."""
         until = until or (lambda f: f.get("JobState") in TERMINAL_STATES)
         deadline = time.monotonic() + timeout
         fields: dict[str, str] = {}
@@ -316,13 +397,22 @@ MessageTimeout={self.message_timeout}
             if fields and until(fields):
                 return fields
             time.sleep(0.5)
-        raise SlurmError(f"job {job_id} still {fields.get('JobState')} after {timeout:.0f}s: {fields}\n{self.logs()}")
+        raise SlurmError(
+            f"job {job_id} still {fields.get('JobState')} after {timeout:.0f}s: {fields}\n"
+            f"{self.logs()}"
+        )
 
     def logs(self, n: int = 30) -> str:
         parts = []
         slurmds = list(map(self._slurmd_name, self.nodes))
-        for name in ("munged.log", "slurmctld.log", *(f"{n}.log" for n in slurmds), "munged.stdout",
-                     "slurmctld.stdout", *(f"{n}.stdout" for n in slurmds)):
+        for name in (
+            "munged.log",
+            "slurmctld.log",
+            *(f"{n}.log" for n in slurmds),
+            "munged.stdout",
+            "slurmctld.stdout",
+            *(f"{n}.stdout" for n in slurmds),
+        ):
             path = self.dir / "log" / name
             if path.exists() and path.stat().st_size:
                 parts.append(f"--- {path} (last {n} lines) ---\n{_tail(path, n)}")
@@ -330,22 +420,23 @@ MessageTimeout={self.message_timeout}
 
 
 class EmulatedSlurmCluster(SlurmCluster):
-    """SLURM on the emulated multi-node cluster of hvcodistill.cluster: one slurmd per node, each in
-    its node's network namespace with the node's hostname (`slurmd -N nodeX`, NodeAddr 198.18.0.x),
-    and slurmctld on node0, the head node, as on a small cluster without a login node. Every client
-    command (sbatch, scontrol, ...) runs on node0 too, so jobs are submitted from there. munged stays
-    in the root namespace: its socket is a file, which every namespace sees.
+    """SLURM on the emulated multi-node cluster of hvcodistill.cluster: one slurmd per node, each
+    in its node's network namespace with the node's hostname (`slurmd -N nodeX`, NodeAddr
+    198.18.0.x), and slurmctld on node0, the head node, as on a small cluster without a login node.
+    Every client command (sbatch, scontrol, ...) runs on node0 too, so jobs are submitted from
+    there. munged stays in the root namespace: its socket is a file, which every namespace sees.
 
         with EmulatedCluster(2, name=...) as nodes:
             cluster = EmulatedSlurmCluster(workdir, nodes).start()
             ...
-            cluster.kill_node("node1")    # slurmd and every process in node1's namespace, SIGKILL
-            cluster.stop()                # cancels jobs, stops the daemons, kills what the jobs left
+            cluster.kill_node("node1")  # slurmd and every process in node1's namespace, SIGKILL
+            cluster.stop()              # cancels jobs, stops the daemons, kills what the jobs left
 
     SlurmdTimeout and MessageTimeout are short (5 s each), so a node that stops answering is marked
     DOWN, and its jobs end (NODE_FAIL, requeued), within about 15 s rather than SLURM's default of
     5 minutes and more.
     """
+
     _per_node = "-%n"
     slurmd_timeout = 5
     message_timeout = 5
@@ -364,11 +455,19 @@ class EmulatedSlurmCluster(SlurmCluster):
 
     def _on(self, node: str, argv: list[str]) -> list[str]:
         """In `node`'s network namespace with its hostname, like EmulatedCluster.node_command, but
-        entered with nsenter rather than `ip netns exec`, which remounts /sys and so hides the cgroup
-        hierarchy under /sys/fs/cgroup that slurmd needs."""
-        return [_which("nsenter") or "nsenter", f"--net=/run/netns/{self.emulated.namespace(node)}",
-                _which("unshare") or "unshare", "--uts", "sh", "-c", f'hostname {node}; exec "$@"', "sh",
-                *map(str, argv)]
+        entered with nsenter rather than `ip netns exec`, which remounts /sys and so hides the
+        cgroup hierarchy under /sys/fs/cgroup that slurmd needs."""
+        return [
+            _which("nsenter") or "nsenter",
+            f"--net=/run/netns/{self.emulated.namespace(node)}",
+            _which("unshare") or "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            f'hostname {node}; exec "$@"',
+            "sh",
+            *map(str, argv),
+        ]
 
     def _controller_text(self) -> str:
         return f"SlurmctldHost={self.nodes[0]}({self.emulated.address(self.nodes[0])})"
@@ -379,15 +478,21 @@ class EmulatedSlurmCluster(SlurmCluster):
         return f"TmpFS={self.dir}/tmp/%n\n"
 
     def _nodes_text(self) -> str:
-        lines = [f"NodeName={n} NodeAddr={self.emulated.address(n)} CPUs={self.cpus} State=UNKNOWN"
-                 for n in self.nodes]
-        lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+        lines = [
+            f"NodeName={n} NodeAddr={self.emulated.address(n)} CPUs={self.cpus} State=UNKNOWN"
+            for n in self.nodes
+        ]
+        lines.append(
+            f"PartitionName=debug Nodes={','.join(self.nodes)} "
+            "Default=YES MaxTime=INFINITE State=UP"
+        )
         return "\n".join(lines) + "\n"
 
     def node_pids(self, node: str) -> list[int]:
         """Every process in `node`'s network namespace (its slurmd, the job steps, the ranks)."""
-        out = subprocess.run(["ip", "netns", "pids", self.emulated.namespace(node)], capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            ["ip", "netns", "pids", self.emulated.namespace(node)], capture_output=True, text=True
+        ).stdout
         return [int(p) for p in out.split()]
 
     def kill_node(self, node: str) -> None:
@@ -405,21 +510,26 @@ class EmulatedSlurmCluster(SlurmCluster):
                     pass
             time.sleep(0.1)
             if slurmd is not None:
-                slurmd.poll()          # reap it
-        raise SlurmError(f"processes left in {node}'s namespace after SIGKILL: {self.node_pids(node)}")
+                slurmd.poll()  # reap it
+        raise SlurmError(
+            f"processes left in {node}'s namespace after SIGKILL: {self.node_pids(node)}"
+        )
 
     def revive(self, node: str, timeout: float = 60) -> None:
-        """Start a killed node's slurmd again and wait until SLURM takes the node back (ReturnToService=2
-        returns a node that was DOWN for not responding once it registers)."""
+        """Start a killed node's slurmd again and wait until SLURM takes the node back
+        (ReturnToService=2 returns a node that was DOWN for not responding once it registers)."""
         if self._slurmd_name(node) not in self.procs:
-            # as after a reboot with fresh local state: a killed slurmstepd leaves its PMIx directory
-            # (TmpFS) and socket (spool) behind, named after the job step, which the requeued job
-            # (same id, same step) would fail to create again
+            # as after a reboot with fresh local state: a killed slurmstepd leaves its PMIx
+            # directory (TmpFS) and socket (spool) behind, named after the job step, which the
+            # requeued job (same id, same step) would fail to create again
             for sub in ("tmp", "spool"):
                 shutil.rmtree(self.dir / sub / node, ignore_errors=True)
             self.start_slurmd(node)
-        self._wait_for(f"node {node} to come back", lambda: self.node_state(node) in ("idle", "mixed", "allocated"),
-                       timeout=timeout)
+        self._wait_for(
+            f"node {node} to come back",
+            lambda: self.node_state(node) in ("idle", "mixed", "allocated"),
+            timeout=timeout,
+        )
 
     def stop(self) -> None:
         """As SlurmCluster.stop, then SIGKILL whatever is still running in the nodes' namespaces

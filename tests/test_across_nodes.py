@@ -9,6 +9,7 @@
   exchange never beats its wire time (a small case; `python -m hvcodistill.bench --cluster`
   compares more rates and variants).
 """
+
 import json
 import subprocess
 import sys
@@ -25,8 +26,20 @@ TOLERANCE = 0.05
 
 
 def train(cluster, run_dir, *overrides):
-    cmd, env = cluster.mpirun_command(4, [sys.executable, "-m", "hvcodistill.train", "--config", BENCH,
-                                          f"run.dir={run_dir}", "train.progress=false", *overrides], slots=2)
+    cmd, env = cluster.mpirun_command(
+        4,
+        [
+            sys.executable,
+            "-m",
+            "hvcodistill.train",
+            "--config",
+            BENCH,
+            f"run.dir={run_dir}",
+            "train.progress=false",
+            *overrides,
+        ],
+        slots=2,
+    )
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
@@ -40,10 +53,16 @@ def inter_node(summary) -> int:
     return sum(links["inter_node"] for links in summary["bytes"].values())
 
 
-@pytest.mark.parametrize("variant,collective", [
-    (["codistill.n_models=1"], "allreduce"),                      # the ring crosses both links
-    (["codistill.mode=predictions", "data.synthetic_classes=1000"], "exchange"),   # 128 KB of logits
-])
+@pytest.mark.parametrize(
+    "variant,collective",
+    [
+        (["codistill.n_models=1"], "allreduce"),  # the ring crosses both links
+        (
+            ["codistill.mode=predictions", "data.synthetic_classes=1000"],
+            "exchange",
+        ),  # 128 KB of logits
+    ],
+)
 def test_bytes_by_link_match_the_kernel_counters(make_cluster, tmp_path, variant, collective):
     cluster = make_cluster(2)
     kernel, model = {}, {}
@@ -54,7 +73,8 @@ def test_bytes_by_link_match_the_kernel_counters(make_cluster, tmp_path, variant
     assert s["nodes"]["count"] == 2 and s["nodes"]["hosts"] == ["node0", "node1"]
     assert s["nodes"]["node_of_rank"] == [0, 0, 1, 1]
     # the collective under test carries (nearly) all of training's inter-node bytes (the final
-    # evaluation's allgather of 1000-class probabilities crosses too); with M = 2 no gradient crosses
+    # evaluation's allgather of 1000-class probabilities crosses too); with M = 2 no gradient
+    # crosses
     per_step = s["bytes_per_step"]
     training = per_step["total"]["inter_node"] - per_step["evaluation"]["inter_node"]
     assert per_step[collective]["inter_node"] > 0.98 * training
@@ -77,29 +97,56 @@ def test_planner_predicts_link_bound_times(make_cluster, tmp_path):
       planned 82 ms) - a contention no alpha-beta model holds, and one that GPUs, whose compute
       does not share cores with the network stack, do not have."""
     cluster = make_cluster(2, rate="100mbit")
-    common = ["train.steps=12", "model.hidden=[512]", "data.synthetic_classes=1000", "train.batch_size=128"]
+    common = [
+        "train.steps=12",
+        "model.hidden=[512]",
+        "data.synthetic_classes=1000",
+        "train.batch_size=128",
+    ]
     launch = lambda np, command: cluster.mpirun_command(np, command, slots=2)  # noqa: E731
     wanted = ("all-reduce (M=1)", "predictions k=1", "alpha=0")
     variants = {v.name: v for v in bench.VARIANTS if v.name in wanted}
     # the median of 3 runs per variant, as the benchmark takes: one run slowed by something else on
     # this shared 2-core machine (a 20% bound on one timed run failed that way) does not decide
-    runs = bench.measure(launch, 4, BENCH, common, 3, tmp_path, "100mbit", log=print,
-                         variants=list(variants.values()))
+    runs = bench.measure(
+        launch,
+        4,
+        BENCH,
+        common,
+        3,
+        tmp_path,
+        "100mbit",
+        log=print,
+        variants=list(variants.values()),
+    )
     inputs = bench.planner_inputs(BENCH, common, runs[bench.CALIBRATION])
-    plan = {name: bench.predict(inputs, runs[name], v, 100_000_000, slots=2) for name, v in variants.items()}
+    plan = {
+        name: bench.predict(inputs, runs[name], v, 100_000_000, slots=2)
+        for name, v in variants.items()
+    }
 
     allreduce = runs["all-reduce (M=1)"]["timing"]["step_s"], plan["all-reduce (M=1)"].step_s
     codist = runs["predictions k=1"]
     exchange = codist["timing"]["exchange_s"] / codist["steps"], plan["predictions k=1"].exchange_s
-    print(f"all-reduce step: measured {allreduce[0] * 1e3:.1f} ms, planner {allreduce[1] * 1e3:.1f} ms")
-    print(f"prediction exchange: measured {exchange[0] * 1e3:.1f} ms, planner {exchange[1] * 1e3:.1f} ms")
+    print(
+        f"all-reduce step: measured {allreduce[0] * 1e3:.1f} ms, "
+        f"planner {allreduce[1] * 1e3:.1f} ms"
+    )
+    print(
+        f"prediction exchange: measured {exchange[0] * 1e3:.1f} ms, "
+        f"planner {exchange[1] * 1e3:.1f} ms"
+    )
     assert abs(allreduce[1] / allreduce[0] - 1) < 0.2, allreduce
     assert exchange[0] > 0.8 * exchange[1], exchange
-    # and the order: the all-reduce's wait per step is several times the exchange's (planned ~6.7x:
-    # 4 MB of gradients against 512 KB of predictions per rank). The waits, as measured, not the step
-    # times: a k = 1 step also holds its intra-node all-reduce and the distillation loss, which 4 ranks
-    # on 2 cores slow (CI: all-reduce 615 ms/step, only 1.96x a k = 1 step, whose exchange was 127-486 ms)
+    # and the order: the all-reduce's wait per step is several times the exchange's (planned
+    # ~6.7x: 4 MB of gradients against 512 KB of predictions per rank). The waits, as measured, not
+    # the step times: a k = 1 step also holds its intra-node all-reduce and the distillation loss,
+    # which 4 ranks on 2 cores slow (CI: all-reduce 615 ms/step, only 1.96x a k = 1 step, whose
+    # exchange was 127-486 ms)
     reduce_run = runs["all-reduce (M=1)"]
     reduce_wait = reduce_run["timing"]["allreduce_s"] / reduce_run["steps"]
-    print(f"waits per step: all-reduce {reduce_wait * 1e3:.1f} ms, prediction exchange {exchange[0] * 1e3:.1f} ms")
+    print(
+        f"waits per step: all-reduce {reduce_wait * 1e3:.1f} ms, "
+        f"prediction exchange {exchange[0] * 1e3:.1f} ms"
+    )
     assert reduce_wait > 2 * exchange[0], (reduce_wait, exchange[0])

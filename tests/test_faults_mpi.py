@@ -1,4 +1,5 @@
-"""A lost or frozen rank, and signals before the first step, on one host (issue 10, points 5 and 13).
+"""A lost or frozen rank, and signals before the first step, on one host (issue 10, points 5 and
+13).
 
 - `kill -9` of one rank mid-run ends every rank with a non-zero exit within 30 s under the
   project's launcher, mpirun and horovodrun; the newest complete checkpoint stays and the same
@@ -10,6 +11,7 @@
 - Ctrl-C: one line, exit 130, no traceback, and no rank outlives the launcher.
 Each test prints its fault-to-exit time (pytest -s).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +23,20 @@ import time
 
 import pytest
 
-from hvcodistill.launch import mpirun_command
+from hvcodistill.mpirun import mpirun_command
 from tests.conftest import ROOT
-from tests.faults import (FAIL_FAST_S, STEPS, complete_checkpoints, kill_all, rank_pids, ranks_gone, start,
-                          summary_steps, train_command, wait_for)
+from tests.faults import (
+    FAIL_FAST_S,
+    STEPS,
+    complete_checkpoints,
+    kill_all,
+    rank_pids,
+    ranks_gone,
+    start,
+    summary_steps,
+    train_command,
+    wait_for,
+)
 
 pytestmark = pytest.mark.mpi
 
@@ -36,7 +48,7 @@ def launcher_command(launcher: str, np: int, command: list[str]) -> tuple[list[s
         return [sys.executable, "-m", "hvcodistill.launch", "-np", str(np), *command], None
     if launcher == "mpirun":
         return mpirun_command(np, command)
-    _, env = mpirun_command(np, command)           # the same environment (one thread, yield when idle)
+    _, env = mpirun_command(np, command)  # the same environment (one thread, yield when idle)
     mpi_args = "--oversubscribe" + (" --allow-run-as-root" if os.geteuid() == 0 else "")
     return [HOROVODRUN, "--mpi", "-np", str(np), f"--mpi-args={mpi_args}", *command], env
 
@@ -63,8 +75,13 @@ def test_killed_rank_ends_every_rank_and_the_run_resumes(tmp_path, launcher):
     cmd, env = launcher_command(launcher, 4, train_command(run_dir))
     proc = start(cmd, env)
     try:
-        wait_for("checkpoint", lambda: complete_checkpoints(run_dir), 180, alive=lambda: proc.poll() is None,
-                 log=lambda: proc.stderr.read())
+        wait_for(
+            "checkpoint",
+            lambda: complete_checkpoints(run_dir),
+            180,
+            alive=lambda: proc.poll() is None,
+            log=lambda: proc.stderr.read(),
+        )
         newest = complete_checkpoints(run_dir)[-1]
         os.kill(rank_pids(run_dir)[1], signal.SIGKILL)
         took, err = finish(proc, run_dir, 60)
@@ -92,13 +109,21 @@ def test_frozen_rank_is_caught_by_the_heartbeat(tmp_path):
     cmd, env = mpirun_command(4, train_command(run_dir, "run.hang_timeout=5"))
     proc = start(cmd, env)
     try:
-        wait_for("checkpoint", lambda: complete_checkpoints(run_dir), 180, alive=lambda: proc.poll() is None,
-                 log=lambda: proc.stderr.read())
+        wait_for(
+            "checkpoint",
+            lambda: complete_checkpoints(run_dir),
+            180,
+            alive=lambda: proc.poll() is None,
+            log=lambda: proc.stderr.read(),
+        )
         os.kill(rank_pids(run_dir)[2], signal.SIGSTOP)
         took, err = finish(proc, run_dir, 60)
     finally:
         kill_all(run_dir)
-    print(f"SIGSTOP of rank 2 (hang_timeout 5 s) -> launcher exited {proc.returncode} after {took:.1f} s")
+    print(
+        f"SIGSTOP of rank 2 (hang_timeout 5 s) -> launcher exited {proc.returncode} "
+        f"after {took:.1f} s"
+    )
     assert proc.returncode != 0 and took < FAIL_FAST_S, err[-3000:]
     assert "no heartbeat from every rank" in err and "run.hang_timeout=5" in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
@@ -109,13 +134,29 @@ def slow_setup(tmp_path, *overrides):
     others wait on its lock); returns (launcher process, run dir, data dir)."""
     run_dir, data_dir = tmp_path / "run", tmp_path / "data"
     data_dir.mkdir()
-    cmd, env = mpirun_command(4, [sys.executable, "-m", "hvcodistill.train", "--config",
-                                  str(ROOT / "configs" / "mnist1d_codistill.yaml"), f"data.path={data_dir}",
-                                  f"run.dir={run_dir}", "train.progress=false", *overrides])
+    cmd, env = mpirun_command(
+        4,
+        [
+            sys.executable,
+            "-m",
+            "hvcodistill.train",
+            "--config",
+            str(ROOT / "configs" / "mnist1d_codistill.yaml"),
+            f"data.path={data_dir}",
+            f"run.dir={run_dir}",
+            "train.progress=false",
+            *overrides,
+        ],
+    )
     proc = start(cmd, env)
     # set-up is under way: the first rank has taken the generator's lock
-    wait_for("the MNIST-1D lock", lambda: list(data_dir.glob("*.lock")) and len(rank_pids(run_dir)) == 4, 120,
-             alive=lambda: proc.poll() is None, log=lambda: proc.stderr.read())
+    wait_for(
+        "the MNIST-1D lock",
+        lambda: list(data_dir.glob("*.lock")) and len(rank_pids(run_dir)) == 4,
+        120,
+        alive=lambda: proc.poll() is None,
+        log=lambda: proc.stderr.read(),
+    )
     return proc, run_dir, data_dir
 
 
@@ -134,8 +175,11 @@ def test_stop_signal_during_setup_ends_the_run(tmp_path):
     assert proc.returncode == 75, err[-3000:]
     ours = [line for line in err.splitlines() if line.startswith("hvcodistill:")]
     assert len(ours) == 1 and "stopped by SIGTERM during set-up" in ours[0], err[-3000:]
-    assert "Traceback" not in err and not (run_dir / "checkpoints").exists() or \
-        not list((run_dir / "checkpoints").rglob("*.pt")), err[-3000:]
+    assert (
+        "Traceback" not in err
+        and not (run_dir / "checkpoints").exists()
+        or not list((run_dir / "checkpoints").rglob("*.pt"))
+    ), err[-3000:]
     assert took < 15, f"{took:.1f} s: not promptly"
 
 
@@ -143,7 +187,9 @@ def test_second_signal_ends_a_rank_stuck_in_setup(tmp_path):
     """One rank frozen in set-up: the others block in a collective and cannot agree on the first
     SIGTERM; the second ends each of them at once, and the launcher the job."""
     pytest.importorskip("mnist1d")
-    proc, run_dir, _ = slow_setup(tmp_path, "run.hang_timeout=0")      # no heartbeat abort: signals only
+    proc, run_dir, _ = slow_setup(
+        tmp_path, "run.hang_timeout=0"
+    )  # no heartbeat abort: signals only
     try:
         pids = rank_pids(run_dir)
         os.kill(pids[3], signal.SIGSTOP)
@@ -155,7 +201,10 @@ def test_second_signal_ends_a_rank_stuck_in_setup(tmp_path):
         took, err = finish(proc, run_dir, 30)
     finally:
         kill_all(run_dir)
-    print(f"two SIGTERMs, one rank frozen in set-up -> launcher exited {proc.returncode} after {took + 1:.1f} s")
+    print(
+        f"two SIGTERMs, one rank frozen in set-up -> launcher exited {proc.returncode} "
+        f"after {took + 1:.1f} s"
+    )
     assert proc.returncode != 0 and "second SIGTERM: exiting now" in err, err[-3000:]
 
 
@@ -168,8 +217,13 @@ def test_ctrl_c_is_one_line_exit_130_and_no_rank_outlives_the_launcher(tmp_path,
     launch = [sys.executable, "-m", "hvcodistill.launch", "-np", "4", *command]
     proc = start(launch)
     try:
-        wait_for("checkpoint", lambda: complete_checkpoints(run_dir), 180, alive=lambda: proc.poll() is None,
-                 log=lambda: proc.stderr.read())
+        wait_for(
+            "checkpoint",
+            lambda: complete_checkpoints(run_dir),
+            180,
+            alive=lambda: proc.poll() is None,
+            log=lambda: proc.stderr.read(),
+        )
         if target == "terminal":
             os.killpg(proc.pid, signal.SIGINT)
         else:
@@ -180,7 +234,9 @@ def test_ctrl_c_is_one_line_exit_130_and_no_rank_outlives_the_launcher(tmp_path,
     finally:
         kill_all(run_dir)
     print(f"SIGINT ({target}) -> launcher exited {proc.returncode} after {took:.1f} s")
-    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, (
+        err[-3000:]
+    )
     assert not left, f"ranks {sorted(left)} outlived the launcher"
     assert "interrupted" in err and took < 10, (took, err[-3000:])
     if target == "ranks":
@@ -191,21 +247,34 @@ def test_ctrl_c_is_one_line_exit_130_and_no_rank_outlives_the_launcher(tmp_path,
 
 
 def test_launcher_killed_outright_still_ends_its_ranks(tmp_path):
-    """SIGKILL to the launcher alone (it cannot forward that): mpirun, its child, gets SIGTERM as the
-    launcher dies (PR_SET_PDEATHSIG) and passes it to the ranks, which stop as on a preemption,
+    """SIGKILL to the launcher alone (it cannot forward that): mpirun, its child, gets SIGTERM as
+    the launcher dies (PR_SET_PDEATHSIG) and passes it to the ranks, which stop as on a preemption,
     instead of a job left running with nobody to stop it (measured: ranks gone 2.1 s later)."""
     run_dir = tmp_path / "run"
-    proc = start([sys.executable, "-m", "hvcodistill.launch", "-np", "4",
-                  *train_command(run_dir, f"train.steps={STEPS * 100}")])
+    proc = start(
+        [
+            sys.executable,
+            "-m",
+            "hvcodistill.launch",
+            "-np",
+            "4",
+            *train_command(run_dir, f"train.steps={STEPS * 100}"),
+        ]
+    )
     try:
-        wait_for("checkpoint", lambda: complete_checkpoints(run_dir), 180, alive=lambda: proc.poll() is None,
-                 log=lambda: proc.stderr.read())
+        wait_for(
+            "checkpoint",
+            lambda: complete_checkpoints(run_dir),
+            180,
+            alive=lambda: proc.poll() is None,
+            log=lambda: proc.stderr.read(),
+        )
         newest = complete_checkpoints(run_dir)[-1]
         os.kill(proc.pid, signal.SIGKILL)
         took = ranks_gone(run_dir, FAIL_FAST_S)
     finally:
         kill_all(run_dir)
-        proc.communicate(timeout=30)              # mpirun and the ranks held its pipes
+        proc.communicate(timeout=30)  # mpirun and the ranks held its pipes
     print(f"SIGKILL of the launcher -> ranks gone after {took} s")
     assert took is not None, f"ranks still ran {FAIL_FAST_S} s after the launcher was killed"
     # a preemption: the ranks agree on a step, checkpoint it and stop (older checkpoints rotate out)
@@ -214,7 +283,7 @@ def test_launcher_killed_outright_still_ends_its_ranks(tmp_path):
 
 REAP_PROBE = """
 import os, subprocess, sys, time
-from hvcodistill.launch import become_subreaper, reap_orphans
+from hvcodistill.mpirun import become_subreaper, reap_orphans
 assert become_subreaper()
 linger = float(sys.argv[1])
 # like mpirun exiting while a rank it killed still tears down: the parent goes, its child stays
@@ -226,18 +295,27 @@ print(len(killed), round(time.monotonic() - t, 2))
 
 
 @pytest.mark.parametrize("linger, grace, killed", [(0.5, 10, 0), (60, 0.5, 1)])
-def test_launcher_waits_for_what_mpirun_left_and_kills_it_after_a_grace(tmp_path, linger, grace, killed):
+def test_launcher_waits_for_what_mpirun_left_and_kills_it_after_a_grace(
+    tmp_path, linger, grace, killed
+):
     """The reason for `reap_orphans`: mpirun returned while a killed rank was still alive (CI)."""
     pid_file = tmp_path / "pid"
-    out = subprocess.run([sys.executable, "-c", REAP_PROBE, str(linger), str(pid_file), str(grace)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", REAP_PROBE, str(linger), str(pid_file), str(grace)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     n, took = out.stdout.split()
     assert int(n) == killed, out
-    assert float(took) >= min(linger, grace) - 0.1, out      # it waited for the orphan, not less
+    assert float(took) >= min(linger, grace) - 0.1, out  # it waited for the orphan, not less
     assert float(took) < min(linger, grace) + 5, out
     orphan = int(pid_file.read_text())
-    assert not os.path.exists(f"/proc/{orphan}") or \
-        open(f"/proc/{orphan}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", "the orphan is still running"
+    assert (
+        not os.path.exists(f"/proc/{orphan}")
+        or open(f"/proc/{orphan}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    ), "the orphan is still running"
     if killed:
         assert "outlived mpirun" in out.stderr, out.stderr

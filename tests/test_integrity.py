@@ -1,6 +1,8 @@
 """Integrity without MPI: the batch content digest, the data fingerprint, the non-finite watch,
 per-rank dropout streams and the dropout option (issue 10, points 2, 4, 6)."""
+
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -48,7 +50,7 @@ def test_content_digest_is_exact_whatever_the_threads_and_dtype():
         assert content_digest(x, y) == one
     finally:
         torch.set_num_threads(threads)
-    assert len(one) == 16 * 16                      # one int64 per sample and per label
+    assert len(one) == 16 * 16  # one int64 per sample and per label
     for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int64):
         assert content_digest(x.to(dtype), y) == content_digest(x.to(dtype).clone(), y)
     # large samples: the weights shrink so that the int64 sums cannot overflow
@@ -58,8 +60,13 @@ def test_content_digest_is_exact_whatever_the_threads_and_dtype():
 
 def write_npz(path, seed, n=64, shape=(1, 4, 4)):
     rng = np.random.default_rng(seed)
-    np.savez(path, x_train=rng.normal(size=(n, *shape)).astype(np.float32), y_train=np.arange(n) % 3,
-             x_val=rng.normal(size=(16, *shape)).astype(np.float32), y_val=np.arange(16) % 3)
+    np.savez(
+        path,
+        x_train=rng.normal(size=(n, *shape)).astype(np.float32),
+        y_train=np.arange(n) % 3,
+        x_val=rng.normal(size=(16, *shape)).astype(np.float32),
+        y_val=np.arange(16) % 3,
+    )
     return str(path)
 
 
@@ -68,14 +75,15 @@ def test_data_fingerprint_is_content_not_place(tmp_path):
     copy = tmp_path / "elsewhere"
     copy.mkdir()
     a2 = write_npz(copy / "a.npz", 0)
-    b = write_npz(tmp_path / "b.npz", 1)            # same shapes and labels, other values
+    b = write_npz(tmp_path / "b.npz", 1)  # same shapes and labels, other values
     fa, fa2, fb = (data_fingerprint(build_datasets("npz", path=p)) for p in (a, a2, b))
     assert fa == fa2 and fa != fb
     digits = data_fingerprint(build_datasets("digits"))
     assert digits == data_fingerprint(build_datasets("digits"))
     syn = {"shape": [1, 4, 4], "num_classes": 3, "train_size": 8, "val_size": 4}
-    assert data_fingerprint(build_datasets("synthetic", seed=0, synthetic=syn)) != \
-        data_fingerprint(build_datasets("synthetic", seed=1, synthetic=syn))
+    assert data_fingerprint(build_datasets("synthetic", seed=0, synthetic=syn)) != data_fingerprint(
+        build_datasets("synthetic", seed=1, synthetic=syn)
+    )
 
 
 def test_data_fingerprint_of_an_image_folder_is_its_file_list_and_sizes(tmp_path):
@@ -86,12 +94,18 @@ def test_data_fingerprint_of_an_image_folder_is_its_file_list_and_sizes(tmp_path
             for c in ("cat", "dog"):
                 (root / split / c).mkdir(parents=True)
                 for side, name in ((8, "0.png"), (side_of_last, name_of_last)):
-                    pixels = np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)
+                    pixels = np.random.default_rng(side).integers(
+                        0, 255, (side, side, 3), dtype=np.uint8
+                    )
                     Image.fromarray(pixels).save(root / split / c / name)
         return str(root)
 
-    paths = [folder(tmp_path / "one"), folder(tmp_path / "copy"), folder(tmp_path / "size", side_of_last=16),
-             folder(tmp_path / "name", name_of_last="2.png")]
+    paths = [
+        folder(tmp_path / "one"),
+        folder(tmp_path / "copy"),
+        folder(tmp_path / "size", side_of_last=16),
+        folder(tmp_path / "name", name_of_last="2.png"),
+    ]
     f = [data_fingerprint(build_datasets("imagenet", path=p)) for p in paths]
     assert f[0] == f[1] and len({f[0], f[2], f[3]}) == 3
 
@@ -99,12 +113,16 @@ def test_data_fingerprint_of_an_image_folder_is_its_file_list_and_sizes(tmp_path
 # ---------------------------------------------------------------- point 4: dropout
 def test_dropout_option_and_its_range():
     m = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=[16, 8], dropout=0.5)
-    assert [type(l).__name__ for l in m].count("Dropout") == 2
+    assert [type(layer).__name__ for layer in m].count("Dropout") == 2
     plain = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=[16, 8])
-    assert "Dropout" not in [type(l).__name__ for l in plain]
+    assert "Dropout" not in [type(layer).__name__ for layer in plain]
     assert load_config(None, ["model.dropout=0.3", "train.steps=1"]).model.dropout == 0.3
-    for bad in (["model.dropout=1"], ["model.dropout=-0.1"], ["model.dropout=.nan"],
-                ["model.dropout=0.2", "model.name=cnn"]):
+    for bad in (
+        ["model.dropout=1"],
+        ["model.dropout=-0.1"],
+        ["model.dropout=.nan"],
+        ["model.dropout=0.2", "model.name=cnn"],
+    ):
         with pytest.raises(ConfigError, match="model.dropout"):
             load_config(None, [*bad, "train.steps=1"])
 
@@ -116,13 +134,13 @@ def test_finite_watch_remembers_the_first_bad_step():
     for step in range(3):
         w.update(step, torch.tensor(1.0))
     assert w.first() is None
-    w.update(3, torch.tensor(1.0))             # a finite loss whose gradient was Inf: the update
-    with torch.no_grad():                      # leaves an Inf in the weights
+    w.update(3, torch.tensor(1.0))  # a finite loss whose gradient was Inf: the update
+    with torch.no_grad():  # leaves an Inf in the weights
         p[1] = float("inf")
-    assert w.first(weights=False) is None      # a preemption check: the losses only; the next
-    assert w.first() == 3                      # loss shows it; an agreement sees the weights
+    assert w.first(weights=False) is None  # a preemption check: the losses only; the next
+    assert w.first() == 3  # loss shows it; an agreement sees the weights
     w.update(4, torch.tensor(float("nan")))
-    assert w.first() == 3                      # the first one stays
+    assert w.first() == 3  # the first one stays
     loss_only = FiniteWatch(torch.device("cpu"))
     loss_only.update(7, torch.tensor(float("-inf")))
     assert loss_only.first() == 7
@@ -131,7 +149,7 @@ def test_finite_watch_remembers_the_first_bad_step():
 def test_finite_watch_folds_long_stretches_without_losing_the_step():
     w = FiniteWatch(torch.device("cpu"), [torch.nn.Parameter(torch.ones(2))])
     w.FOLD = 4
-    for step in range(10, 30):                 # a resumed run: steps from 10; folded at 14, 18, ...
+    for step in range(10, 30):  # a resumed run: steps from 10; folded at 14, 18, ...
         w.update(step, torch.tensor(float("nan") if step in (17, 25) else 0.5))
         assert len(w._losses) < 4
     assert w.first() == 17
@@ -161,10 +179,12 @@ def test_preemption_check_carries_the_non_finite_flag():
     guard = PreemptionGuard(MPI.COMM_SELF, every=1)
     try:
         seen = [False]
-        guard.nonfinite = lambda: seen[0]
-        assert not guard.should_stop(1) and not guard.should_stop(2)
+        finite = SimpleNamespace(seen=lambda: seen[0])  # a FiniteWatch's answer at a check
+        assert not guard.should_stop(1, finite) and not guard.should_stop(2, finite)
         seen[0] = True
-        assert not guard.should_stop(3)                 # posted here, read at the next check
-        assert guard.should_stop(4) and guard.saw_nonfinite and guard.signal_name() == "none"
+        assert not guard.should_stop(3, finite)  # posted here, read at the next check
+        assert (
+            guard.should_stop(4, finite) and guard.saw_nonfinite and guard.signal_name() == "none"
+        )
     finally:
         guard.close()

@@ -1,4 +1,5 @@
 """Language-model parts: the causal Transformer, token windows, per-token losses, top-k payloads."""
+
 import json
 import math
 
@@ -11,8 +12,8 @@ from hvcodistill.comm.topk import topk_bytes, topk_payload, topk_teacher_logits
 from hvcodistill.data.sharding import BatchPlan
 from hvcodistill.data.tokens import pydoc_corpus, text_datasets, token_datasets
 from hvcodistill.errors import ConfigError
+from hvcodistill.losses import codistillation_loss, distillation_distance
 from hvcodistill.models.transformer import TransformerLM
-from hvcodistill.training.losses import codistillation_loss, distillation_distance
 
 
 def lm(**kw):
@@ -24,11 +25,11 @@ def test_model_is_causal_and_ties_embeddings():
     model = lm()
     x = torch.randint(50, (3, 16))
     changed = x.clone()
-    changed[:, 9:] = (changed[:, 9:] + 7) % 50               # change every token from position 9 on
+    changed[:, 9:] = (changed[:, 9:] + 7) % 50  # change every token from position 9 on
     a, b = model(x), model(changed)
     assert a.shape == (3, 16, 50)
-    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)   # earlier logits unchanged
-    assert not torch.allclose(a[:, 9:], b[:, 9:])                          # later ones see the change
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)  # earlier logits unchanged
+    assert not torch.allclose(a[:, 9:], b[:, 9:])  # later ones see the change
     assert model.head.weight is model.tok.weight
 
 
@@ -52,7 +53,7 @@ def test_per_token_kl_matches_a_hand_computation():
             q = [math.exp(v / temperature) for v in s[b, i].tolist()]
             p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
             expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
-    expected = expected / 6 * temperature ** 2
+    expected = expected / 6 * temperature**2
     got = distillation_distance(s, t, distance="kl", temperature=temperature)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -60,8 +61,12 @@ def test_per_token_kl_matches_a_hand_computation():
 def test_per_token_task_loss_is_next_token_cross_entropy():
     torch.manual_seed(2)
     logits, targets = torch.randn(2, 4, 7), torch.randint(7, (2, 4))
-    loss, parts = codistillation_loss(logits=logits, targets=targets, teacher_logits=[], alpha=1.0, distance="kl")
-    manual = -sum(F.log_softmax(logits[b, i], -1)[targets[b, i]] for b in range(2) for i in range(4)) / 8
+    loss, parts = codistillation_loss(
+        logits=logits, targets=targets, teacher_logits=[], alpha=1.0, distance="kl"
+    )
+    manual = (
+        -sum(F.log_softmax(logits[b, i], -1)[targets[b, i]] for b in range(2) for i in range(4)) / 8
+    )
     assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
     assert parts["distill_loss"].item() == 0
 
@@ -79,8 +84,8 @@ def test_topk_with_k_equal_to_the_vocabulary_equals_the_full_exchange(distance):
     full = distillation_distance(student, teacher, distance=distance, temperature=2.0)
     top = distillation_distance(student, rebuilt, distance=distance, temperature=2.0)
     torch.testing.assert_close(top, full, rtol=1e-5, atol=1e-6)
-    g_full, = torch.autograd.grad(full, student)
-    g_top, = torch.autograd.grad(top, student)
+    (g_full,) = torch.autograd.grad(full, student)
+    (g_top,) = torch.autograd.grad(top, student)
     torch.testing.assert_close(g_top, g_full, rtol=1e-4, atol=1e-7)
 
 
@@ -110,11 +115,13 @@ def test_text_windows_are_a_pure_function_of_seed_epoch_and_indices(tmp_path):
     x, y = spec.train.fetch(2, idx)
     again = text_datasets("", context=32, seed=5).train.fetch(2, idx)
     assert torch.equal(x, again[0]) and torch.equal(y, again[1])
-    assert torch.equal(x[:, 1:], y[:, :-1])                     # targets are the inputs, one later
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs, one later
     start = spec.train.starts(2, idx)[0]
-    assert x[0].tolist() == corpus[start:start + 32].tolist()
+    assert x[0].tolist() == corpus[start : start + 32].tolist()
     # another epoch shifts the tiling; another seed too
-    assert spec.train.offset(2) != spec.train.offset(3) or spec.train.offset(2) != spec.train.offset(4)
+    assert spec.train.offset(2) != spec.train.offset(3) or spec.train.offset(
+        2
+    ) != spec.train.offset(4)
     assert not torch.equal(x, text_datasets("", context=32, seed=6).train.fetch(2, idx)[0])
 
 
@@ -122,15 +129,35 @@ def test_peers_read_identical_windows_and_a_resume_reads_the_same():
     """Predictions mode: group rank r of every model holds the same batch at every step, and the
     batch at step s depends on s alone (not on what ran before: a resume reads the same)."""
     spec = text_datasets("", context=16, seed=0)
-    plans = [BatchPlan(n_samples=len(spec.train), batch_size=4, group_size=2, group_rank=1, n_models=3,
-                       model_id=m, order="shared", seed=0) for m in range(3)]
+    plans = [
+        BatchPlan(
+            n_samples=len(spec.train),
+            batch_size=4,
+            group_size=2,
+            group_rank=1,
+            n_models=3,
+            model_id=m,
+            order="shared",
+            seed=0,
+        )
+        for m in range(3)
+    ]
     for step in (0, 5, 1000):
         batches = [spec.train.fetch(*plan.key(step)) for plan in plans]
         assert all(torch.equal(b[0], batches[0][0]) for b in batches)
-    fresh = BatchPlan(n_samples=len(spec.train), batch_size=4, group_size=2, group_rank=1, n_models=3,
-                      model_id=0, order="shared", seed=0)
-    assert torch.equal(spec.train.fetch(*fresh.key(1000))[0],
-                       spec.train.fetch(*plans[0].key(1000))[0])
+    fresh = BatchPlan(
+        n_samples=len(spec.train),
+        batch_size=4,
+        group_size=2,
+        group_rank=1,
+        n_models=3,
+        model_id=0,
+        order="shared",
+        seed=0,
+    )
+    assert torch.equal(
+        spec.train.fetch(*fresh.key(1000))[0], spec.train.fetch(*plans[0].key(1000))[0]
+    )
 
 
 def write_tokens(root, dtype="uint16", vocab=1000, n=5000, top=None):
@@ -151,20 +178,27 @@ def test_token_files(tmp_path, dtype):
     x, y = spec.train.fetch(0, torch.arange(4))
     raw = np.fromfile(tmp_path / "d" / "train.bin", dtype=dtype)
     s = spec.train.starts(0, torch.arange(1))[0]
-    assert x.dtype == torch.int64 and x[0].tolist() == raw[s:s + 64].tolist()
+    assert x.dtype == torch.int64 and x[0].tolist() == raw[s : s + 64].tolist()
     assert spec.num_classes == (70000 if dtype == "uint32" else 1000)
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("no-meta", "meta.json: no such file"),
-    ("bad-dtype", "dtype 'int8'"),
-    ("id-too-large", "token id 1000 >= vocab_size 1000"),
-    ("odd-size", "not a whole number of uint16 tokens"),
-    ("too-short", "too short for model.context=64"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("no-meta", "meta.json: no such file"),
+        ("bad-dtype", "dtype 'int8'"),
+        ("id-too-large", "token id 1000 >= vocab_size 1000"),
+        ("odd-size", "not a whole number of uint16 tokens"),
+        ("too-short", "too short for model.context=64"),
+    ],
+)
 def test_bad_token_files_are_named(tmp_path, problem, message):
     d = tmp_path / "d"
-    write_tokens(d, n=100 if problem == "too-short" else 5000, top=1000 if problem == "id-too-large" else None)
+    write_tokens(
+        d,
+        n=100 if problem == "too-short" else 5000,
+        top=1000 if problem == "id-too-large" else None,
+    )
     if problem == "no-meta":
         (d / "meta.json").unlink()
     if problem == "bad-dtype":
@@ -198,7 +232,9 @@ def test_token_rows_and_counts_match_a_brute_force_ensemble(tmp_path):
         torch.manual_seed(seed)
         models.append(TransformerLM(vocab_size=12, context=16, layers=1, heads=2, width=16).eval())
     idx = torch.arange(0, len(val), 2)
-    every = np.stack([token_rows(mod, val, idx, device=torch.device("cpu"), batch_size=7) for mod in models])
+    every = np.stack(
+        [token_rows(mod, val, idx, device=torch.device("cpu"), batch_size=7) for mod in models]
+    )
     x, y = val.fetch(0, idx)
     with torch.no_grad():
         probs = torch.stack([torch.softmax(mod(x), -1).flatten(0, 1).double() for mod in models])
@@ -207,7 +243,9 @@ def test_token_rows_and_counts_match_a_brute_force_ensemble(tmp_path):
         nll, correct, ens_nll, ens_correct, disagree, n = token_counts(every, model_id)
         n = int(n)
         assert n == len(y)
-        assert nll == pytest.approx(-probs[model_id, torch.arange(n), y].log().sum().item(), rel=1e-5)
+        assert nll == pytest.approx(
+            -probs[model_id, torch.arange(n), y].log().sum().item(), rel=1e-5
+        )
         assert correct == (probs[model_id].argmax(-1) == y).sum().item()
         ens = probs.mean(0)
         assert ens_nll == pytest.approx(-ens[torch.arange(n), y].log().sum().item(), rel=1e-5)
@@ -215,13 +253,22 @@ def test_token_rows_and_counts_match_a_brute_force_ensemble(tmp_path):
         assert disagree == (probs[0].argmax(-1) != probs[1].argmax(-1)).sum().item()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.name=transformer_lm"], "does not fit data.name=digits"),
-    (["data.name=text"], "model.name=mlp does not fit data.name=text"),
-    (["data.name=text", "model.name=transformer_lm", "model.width=30", "model.heads=4"], "multiple of model.heads"),
-    (["data.name=text", "model.name=transformer_lm", "model.context=0"], "model.context must be >= 1"),
-    (["codistill.topk=-1"], "codistill.topk must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=transformer_lm"], "does not fit data.name=digits"),
+        (["data.name=text"], "model.name=mlp does not fit data.name=text"),
+        (
+            ["data.name=text", "model.name=transformer_lm", "model.width=30", "model.heads=4"],
+            "multiple of model.heads",
+        ),
+        (
+            ["data.name=text", "model.name=transformer_lm", "model.context=0"],
+            "model.context must be >= 1",
+        ),
+        (["codistill.topk=-1"], "codistill.topk must be >= 0"),
+    ],
+)
 def test_language_model_config_errors_name_the_key(overrides, message):
     from hvcodistill.config import load_config
 
@@ -244,18 +291,30 @@ def test_top_k_payload_round_trip_through_the_exchange_packing():
 
 
 def test_gpt2_small_recipe_is_gpt2_small():
-    """configs/lm_gpt2_small_codistill.yaml builds GPT-2 small (124 M parameters with the 50257-token
-    vocabulary, tied embeddings), in bf16, weights mode with a burn-in, for 16 GPUs."""
+    """configs/lm_gpt2_small_codistill.yaml builds GPT-2 small (124 M parameters with the
+    50257-token vocabulary, tied embeddings), in bf16, weights mode with a burn-in, for 16 GPUs."""
     from pathlib import Path
 
     from hvcodistill.config import load_config
     from hvcodistill.models import build_model
 
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "lm_gpt2_small_codistill.yaml"))
+    cfg = load_config(
+        str(Path(__file__).resolve().parents[1] / "configs" / "lm_gpt2_small_codistill.yaml")
+    )
     with torch.device("meta"):
-        model = build_model(cfg.model.name, input_shape=(cfg.model.context,), num_classes=50257,
-                            layers=cfg.model.layers, heads=cfg.model.heads, width=cfg.model.width)
+        model = build_model(
+            cfg.model.name,
+            input_shape=(cfg.model.context,),
+            num_classes=50257,
+            layers=cfg.model.layers,
+            heads=cfg.model.heads,
+            width=cfg.model.width,
+        )
     n = sum(p.numel() for p in model.parameters())
     assert 124_000_000 < n < 125_000_000, n
-    assert cfg.train.amp == "bf16" and cfg.codistill.mode == "weights" and cfg.codistill.burn_in_steps > 0
+    assert (
+        cfg.train.amp == "bf16"
+        and cfg.codistill.mode == "weights"
+        and cfg.codistill.burn_in_steps > 0
+    )
     assert cfg.train.device == "cuda" and cfg.data.name == "tokens"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hvcodistill.training.losses import alpha_at, codistillation_loss, distillation_distance
+from hvcodistill.losses import alpha_at, codistillation_loss, distillation_distance
 
 S = [[1.0, 2.0, 0.5], [-1.0, 0.0, 3.0]]
 T = [[0.2, -0.3, 1.5], [2.0, 1.0, -0.5]]
@@ -36,28 +36,40 @@ def test_kl_and_ce_match_hand_computation(kind, temp):
 def test_mse_is_mean_squared_logit_difference_and_ignores_temperature():
     want = sum((a - b) ** 2 for s, t in zip(S, T) for a, b in zip(s, t)) / 6
     for temp in (1.0, 3.0):
-        got = distillation_distance(torch.tensor(S), torch.tensor(T), distance="mse", temperature=temp)
+        got = distillation_distance(
+            torch.tensor(S), torch.tensor(T), distance="mse", temperature=temp
+        )
         assert got.item() == pytest.approx(want, rel=1e-6)
 
 
 def test_kl_of_identical_logits_is_zero():
     x = torch.tensor(S)
-    assert distillation_distance(x, x.clone(), distance="kl", temperature=2.0).item() == pytest.approx(0, abs=1e-7)
+    assert distillation_distance(
+        x, x.clone(), distance="kl", temperature=2.0
+    ).item() == pytest.approx(0, abs=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["kl", "ce", "mse"])
 def test_gradcheck(kind):
     s = torch.tensor(S, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(T, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: distillation_distance(x, t, distance=kind, temperature=2.0), (s,))
+    assert torch.autograd.gradcheck(
+        lambda x: distillation_distance(x, t, distance=kind, temperature=2.0), (s,)
+    )
 
 
 @pytest.mark.parametrize("kind", ["kl", "ce", "mse"])
 def test_teacher_gets_no_gradient(kind):
     s = torch.tensor(S, requires_grad=True)
     teachers = [torch.tensor(T, requires_grad=True), torch.tensor(S[::-1], requires_grad=True)]
-    loss, _ = codistillation_loss(logits=s, targets=torch.tensor([1, 2]), teacher_logits=teachers,
-                                  alpha=1.0, distance=kind, temperature=2.0)
+    loss, _ = codistillation_loss(
+        logits=s,
+        targets=torch.tensor([1, 2]),
+        teacher_logits=teachers,
+        alpha=1.0,
+        distance=kind,
+        temperature=2.0,
+    )
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert all(t.grad is None for t in teachers)
@@ -66,8 +78,9 @@ def test_teacher_gets_no_gradient(kind):
 @pytest.mark.parametrize("alpha,teachers", [(0.0, [torch.tensor(T)]), (1.0, [])])
 def test_no_distillation_is_exactly_cross_entropy(alpha, teachers):
     s, y = torch.tensor(S), torch.tensor([1, 2])
-    loss, parts = codistillation_loss(logits=s, targets=y, teacher_logits=teachers, alpha=alpha,
-                                      distance="kl", temperature=1.0)
+    loss, parts = codistillation_loss(
+        logits=s, targets=y, teacher_logits=teachers, alpha=alpha, distance="kl", temperature=1.0
+    )
     assert torch.equal(loss, F.cross_entropy(s, y))
     assert torch.equal(parts["task_loss"], F.cross_entropy(s, y))
     assert parts["distill_loss"].item() == 0.0
@@ -80,10 +93,13 @@ def test_two_teachers_are_averaged_and_weighted_by_alpha(kind):
     d1 = distillation_distance(s, t1, distance=kind, temperature=1.5)
     d2 = distillation_distance(s, t2, distance=kind, temperature=1.5)
     assert abs(d1 - d2) > 1e-3
-    loss, parts = codistillation_loss(logits=s, targets=y, teacher_logits=[t1, t2], alpha=0.3,
-                                      distance=kind, temperature=1.5)
+    loss, parts = codistillation_loss(
+        logits=s, targets=y, teacher_logits=[t1, t2], alpha=0.3, distance=kind, temperature=1.5
+    )
     assert parts["distill_loss"].item() == pytest.approx(((d1 + d2) / 2).item(), rel=1e-6)
-    assert loss.item() == pytest.approx(F.cross_entropy(s, y).item() + 0.3 * (d1 + d2).item() / 2, rel=1e-6)
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(s, y).item() + 0.3 * (d1 + d2).item() / 2, rel=1e-6
+    )
 
 
 def test_unknown_distance_raises():

@@ -1,10 +1,11 @@
 """Prediction payloads (codistill.payload_dtype), packed and unpacked without MPI."""
+
 import numpy as np
 import pytest
 import torch
 
 from hvcodistill.comm.exchange import PAYLOAD_DTYPES, pack_logits, payload_checksum, unpack_logits
-from hvcodistill.training.losses import distillation_distance
+from hvcodistill.losses import distillation_distance
 
 SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -21,7 +22,7 @@ def test_round_trip_is_the_logits_rounded_to_the_payload_dtype(dtype):
     assert payload_checksum(payload) == 0x0123456789ABCDEF
     got = unpack_logits(payload, dtype, x.shape, torch.device("cpu"))
     assert got.dtype == torch.float32 and got.shape == x.shape and not got.requires_grad
-    assert torch.equal(got, x.to(PAYLOAD_DTYPES[dtype]).float())       # exactly the rounded values
+    assert torch.equal(got, x.to(PAYLOAD_DTYPES[dtype]).float())  # exactly the rounded values
     if dtype == "fp32":
         assert torch.equal(got, x)
 
@@ -39,7 +40,9 @@ def test_half_payloads_change_the_distillation_loss_by_under_one_percent(dtype, 
 def test_fp16_saturates_instead_of_overflowing():
     x = torch.tensor([[1e6, -1e6, 3.0]])
     got = unpack_logits(pack_logits(x, "fp16", 0), "fp16", x.shape, torch.device("cpu"))
-    assert torch.isfinite(got).all() and got[0, 0] == 65504 and got[0, 1] == -65504 and got[0, 2] == 3
+    assert (
+        torch.isfinite(got).all() and got[0, 0] == 65504 and got[0, 1] == -65504 and got[0, 2] == 3
+    )
 
 
 def test_bf16_autocast_logits_travel_exactly_as_bf16():

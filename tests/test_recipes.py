@@ -1,11 +1,12 @@
 """The shipped ImageNet configs encode the paper's recipe (Sodhani et al. 2021, Table/Sec. 4)."""
+
 from pathlib import Path
 
 import pytest
 
-from hvcodistill.config import load_config
-from hvcodistill.training.schedules import build_schedules
 from hvcodistill.comm.topology import Topology
+from hvcodistill.config import load_config
+from hvcodistill.optim import build_schedules
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_TRAIN = 1_281_167
@@ -17,7 +18,9 @@ def schedules(name, world_size=16):
     batch = cfg.train.batch_size * topo.group_size
     spe = IMAGENET_TRAIN // batch
     total = round(cfg.train.epochs * spe)
-    lr, wd = build_schedules(cfg.optim, per_model_batch=batch, steps_per_epoch=spe, total_steps=total)
+    lr, wd = build_schedules(
+        cfg.optim, per_model_batch=batch, steps_per_epoch=spe, total_steps=total
+    )
     return cfg, batch, spe, total, lr, wd
 
 
@@ -25,7 +28,11 @@ def test_same_updates_half_the_epochs():
     _, b1, _, t1, _, _ = schedules("imagenet_resnet50_allreduce.yaml")
     cfg2, b2, _, t2, _, _ = schedules("imagenet_resnet50_codistill.yaml")
     assert (b1, b2) == (512, 256) and t1 == t2 == 225_180
-    assert cfg2.codistill.mode == "weights" and cfg2.codistill.every == 2500 and cfg2.codistill.n_models == 2
+    assert (
+        cfg2.codistill.mode == "weights"
+        and cfg2.codistill.every == 2500
+        and cfg2.codistill.n_models == 2
+    )
 
 
 def test_allreduce_recipe():

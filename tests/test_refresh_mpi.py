@@ -1,5 +1,7 @@
 """Weights mode's refresh under real ranks: the schedule and the first teachers, exact resume with a
-refresh in flight, and one copy of each model crossing between nodes per refresh (emulated cluster)."""
+refresh in flight, and one copy of each model crossing between nodes per refresh (emulated
+cluster)."""
+
 import json
 import os
 import subprocess
@@ -22,33 +24,63 @@ def test_schedule_install_step_and_first_teachers(ranks, np):
     """Nothing sent in burn-in; teachers taken at t are installed at t + d exactly; the first
     distillation uses the peers as they were when burn-in ended (check_refresh.py)."""
     proc = ranks(np, [str(MPI_DIR / "check_refresh.py"), "24", f"codistill.n_models={np // 2}"])
-    assert "refresh ok" in proc.stdout and "first distillation at step 8 from teachers taken at step 6" in proc.stdout
+    assert (
+        "refresh ok" in proc.stdout
+        and "first distillation at step 8 from teachers taken at step 6" in proc.stdout
+    )
 
 
 # k = 7, burn-in 7, delay 3: refreshes taken at 7, 14, 21, 28 and installed at 10, 17, 24, (31)
-WEIGHTS = ["codistill.mode=weights", "codistill.every=7", "codistill.burn_in_steps=7", "codistill.refresh_delay=3",
-           "data.order=disjoint", "model.name=cnn", "train.epochs=0", "train.eval_every=0", "train.progress=false",
-           "optim.lr_schedule=constant"]          # a run extended on resume: a schedule not tied to its length
+WEIGHTS = [
+    "codistill.mode=weights",
+    "codistill.every=7",
+    "codistill.burn_in_steps=7",
+    "codistill.refresh_delay=3",
+    "data.order=disjoint",
+    "model.name=cnn",
+    "train.epochs=0",
+    "train.eval_every=0",
+    "train.progress=false",
+    "optim.lr_schedule=constant",
+]  # a run extended on resume: a schedule not tied to its length
 
 
 def test_resume_with_a_refresh_in_flight_is_exact(ranks, tmp_path):
     """A checkpoint at step 16 catches the refresh taken at 14 in flight (installed at 17): stopped
     there and resumed, or checkpointed there and continued, the run ends bitwise the same."""
+
     def train(run_dir, *overrides):
-        ranks(4, ["-m", "hvcodistill.train", "--config", CODISTILL, *WEIGHTS, f"run.dir={run_dir}", *overrides])
+        ranks(
+            4,
+            [
+                "-m",
+                "hvcodistill.train",
+                "--config",
+                CODISTILL,
+                *WEIGHTS,
+                f"run.dir={run_dir}",
+                *overrides,
+            ],
+        )
 
     train(tmp_path / "cut", "train.steps=16")
-    pending = torch.load(tmp_path / "cut" / "checkpoints" / "model_0" / "step_000000016.pt",
-                         weights_only=False)["exchange"]["pending_refresh"]
+    pending = torch.load(
+        tmp_path / "cut" / "checkpoints" / "model_0" / "step_000000016.pt", weights_only=False
+    )["exchange"]["pending_refresh"]
     assert pending["taken_at"] == 14 and pending["install_at"] == 17
     train(tmp_path / "cut", "train.steps=30")
     train(tmp_path / "whole", "train.steps=30", "run.checkpoint_every=16")
     for m in (0, 1):
         a, b = (torch.load(tmp_path / run / f"model_{m}.pt") for run in ("cut", "whole"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"model {m} differs"
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (
+            f"model {m} differs"
+        )
     a, b = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("cut", "whole"))
     assert a["resumed_from_step"] == 16 and a["exchanges"] == b["exchanges"] == 4
-    assert a["exchanged_bytes"] == b["exchanged_bytes"] and a["bytes"]["exchange"] == b["bytes"]["exchange"]
+    assert (
+        a["exchanged_bytes"] == b["exchanged_bytes"]
+        and a["bytes"]["exchange"] == b["bytes"]["exchange"]
+    )
 
 
 UNAVAILABLE = cluster_unavailable()
@@ -59,28 +91,53 @@ def test_one_copy_of_each_model_crosses_between_nodes_per_refresh(tmp_path):
     """2 nodes x 2 ranks, M = 2 models of G = 2, contiguous (model i on node i), so each peer pair
     spans the nodes. The bench MLP (16.8 MB) refreshed every 20 steps: 30 steps take 1 refresh (at
     20), 90 steps take 4 (20, 40, 60, 80). Between the two runs the kernel's eth0 tx bytes (both
-    nodes) grow by 3 x M (M-1) x the weights' bytes, within 1%: the two runs' other traffic (start-up,
-    Horovod's coordination, TCP acks, whose number follows timing) differs by a few hundred KB either
-    way (measured kernel/model 1.0036 and 0.9998), while a copy per rank of the group would be 2.0
-    and a lost shard 0.5. summary.json's counted inter-node exchange bytes say the same, exactly."""
+    nodes) grow by 3 x M (M-1) x the weights' bytes, within 1%: the two runs' other traffic
+    (start-up, Horovod's coordination, TCP acks, whose number follows timing) differs by a few
+    hundred KB either way (measured kernel/model 1.0036 and 0.9998), while a copy per rank of the
+    group would be 2.0 and a lost shard 0.5. summary.json's counted inter-node exchange bytes say
+    the same, exactly."""
     from hvcodistill.models import build_model
 
     m, refreshes = 2, {30: 1, 90: 4}
-    weight_bytes = 4 * sum(p.numel() for p in build_model("mlp", input_shape=(1, 32, 32), num_classes=10,
-                                                         hidden=[2048, 1024]).parameters())
+    weight_bytes = 4 * sum(
+        p.numel()
+        for p in build_model(
+            "mlp", input_shape=(1, 32, 32), num_classes=10, hidden=[2048, 1024]
+        ).parameters()
+    )
     kernel, counted = {}, {}
-    with EmulatedCluster(2, name=f"rf{os.getpid()}", rate=None, state_dir=tmp_path / "state") as cluster:
+    with EmulatedCluster(
+        2, name=f"rf{os.getpid()}", rate=None, state_dir=tmp_path / "state"
+    ) as cluster:
         for steps in refreshes:
             run_dir = tmp_path / f"steps{steps}"
-            cmd, env = cluster.mpirun_command(4, [sys.executable, "-m", "hvcodistill.train", "--config", BENCH,
-                                                  "codistill.mode=weights", "codistill.every=20",
-                                                  "codistill.burn_in_steps=20",
-                                                  "data.order=disjoint", f"train.steps={steps}", "train.progress=false",
-                                                  "run.checkpoint_every=0", f"run.dir={run_dir}"], slots=2)
+            cmd, env = cluster.mpirun_command(
+                4,
+                [
+                    sys.executable,
+                    "-m",
+                    "hvcodistill.train",
+                    "--config",
+                    BENCH,
+                    "codistill.mode=weights",
+                    "codistill.every=20",
+                    "codistill.burn_in_steps=20",
+                    "data.order=disjoint",
+                    f"train.steps={steps}",
+                    "train.progress=false",
+                    "run.checkpoint_every=0",
+                    f"run.dir={run_dir}",
+                ],
+                slots=2,
+            )
             before = cluster.counters()
-            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(
+                cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+            )
             after = cluster.counters()
-            assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            assert proc.returncode == 0, (
+                f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
             kernel[steps] = sum(after[h]["tx_bytes"] - before[h]["tx_bytes"] for h in cluster.hosts)
             summary = json.loads((run_dir / "summary.json").read_text())
             assert summary["nodes"]["count"] == 2 and summary["exchanges"] == refreshes[steps]
@@ -88,7 +145,12 @@ def test_one_copy_of_each_model_crosses_between_nodes_per_refresh(tmp_path):
     n = refreshes[90] - refreshes[30]
     model = n * m * (m - 1) * weight_bytes
     kernel_diff, counted_diff = kernel[90] - kernel[30], counted[90] - counted[30]
-    print(f"{n} refreshes: kernel tx {kernel_diff:,} B, counted {counted_diff:,} B, M(M-1) x weights {model:,} B; "
-          f"kernel/model {kernel_diff / model:.4f}, counted/model {counted_diff / model:.6f}")
-    assert counted_diff == pytest.approx(model, rel=1e-5)           # a shard is 1/G of the model, padded by < G bytes
+    print(
+        f"{n} refreshes: kernel tx {kernel_diff:,} B, counted {counted_diff:,} B, "
+        f"M(M-1) x weights {model:,} B; "
+        f"kernel/model {kernel_diff / model:.4f}, counted/model {counted_diff / model:.6f}"
+    )
+    assert counted_diff == pytest.approx(
+        model, rel=1e-5
+    )  # a shard is 1/G of the model, padded by < G bytes
     assert abs(kernel_diff / model - 1) < 0.01

@@ -1,5 +1,6 @@
 """Resume and run.dir hardening without MPI: which checkpoint is usable, what resume compares,
 run.dir entries of the wrong kind, the shared-directory markers, the one atomic-write rule."""
+
 import hashlib
 import json
 import os
@@ -8,15 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from hvcodistill.comm.exchange import NoExchange, PredictionExchange, WeightExchange, make_exchange
+from hvcodistill.comm.exchange import NoExchange, PredictionExchange, WeightExchange, build_exchange
 from hvcodistill.comm.topology import Topology
 from hvcodistill.config import load_config, save_config
 from hvcodistill.errors import ConfigError
 from hvcodistill.files import write_atomic
 from hvcodistill.training import checkpoint, rundir
+from hvcodistill.training.setup import resume_settings
 from tests.conftest import ROOT
 
-CONFIG = str(ROOT / "configs" / "digits_codistill.yaml")   # lr_schedule: cosine
+CONFIG = str(ROOT / "configs" / "digits_codistill.yaml")  # lr_schedule: cosine
 TOPO = Topology(2, 2)
 DATA = SimpleNamespace(train=range(1437), input_shape=(64,), num_classes=10)
 
@@ -25,14 +27,22 @@ def cfg_with(*overrides):
     return load_config(CONFIG, list(overrides))
 
 
-def make_ckpt(run_dir, model_id, step, cfg=None, total=100, data=DATA, topo=TOPO, payload=b"x" * 64):
+def make_ckpt(
+    run_dir, model_id, step, cfg=None, total=100, data=DATA, topo=TOPO, payload=b"x" * 64
+):
     """A checkpoint as checkpoint._write leaves it: the file, then its sidecar."""
     cfg = cfg or cfg_with()
     directory = checkpoint.model_dir(run_dir, model_id)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"step_{step:09d}.pt").write_bytes(payload)
-    meta = {"step": step, "model_id": model_id, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
-            "topology": topo.as_dict(), "settings": checkpoint.settings(cfg, data, total)}
+    meta = {
+        "step": step,
+        "model_id": model_id,
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "topology": topo.as_dict(),
+        "settings": resume_settings(cfg, data, total),
+    }
     (directory / f"step_{step:09d}.json").write_text(json.dumps(meta))
 
 
@@ -45,7 +55,10 @@ def run_of(tmp_path, steps=(10, 20), models=(0, 1), **kw):
 
 # ---------------------------------------------------------------- what is usable, what is refused
 def test_scan_complete_steps_newest_first(tmp_path):
-    assert checkpoint.scan(run_of(tmp_path), cfg_with(), TOPO, DATA, 100) == [(20, None), (10, None)]
+    assert checkpoint.scan(run_of(tmp_path), TOPO, resume_settings(cfg_with(), DATA, 100)) == [
+        (20, None),
+        (10, None),
+    ]
 
 
 def test_truncated_newest_and_garbage_sidecar_are_skipped_with_a_reason(tmp_path):
@@ -53,7 +66,7 @@ def test_truncated_newest_and_garbage_sidecar_are_skipped_with_a_reason(tmp_path
     pt = checkpoint.step_path(tmp_path, 0, 30, ".pt")
     pt.write_bytes(pt.read_bytes()[:10])
     checkpoint.step_path(tmp_path, 1, 20, ".json").write_bytes(b"\xff\x00 not json")
-    found = dict(checkpoint.scan(tmp_path, cfg_with(), TOPO, DATA, 100))
+    found = dict(checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with(), DATA, 100)))
     assert found[10] is None
     assert "truncated (10 of 64 bytes)" in found[30] and str(pt) in found[30]
     assert "unreadable or not a checkpoint sidecar" in found[20]
@@ -62,8 +75,11 @@ def test_truncated_newest_and_garbage_sidecar_are_skipped_with_a_reason(tmp_path
 def test_a_file_without_sidecar_is_an_interrupted_write(tmp_path):
     run_of(tmp_path)
     checkpoint.step_path(tmp_path, 1, 30, ".pt").write_bytes(b"half")
-    found = checkpoint.scan(tmp_path, cfg_with(), TOPO, DATA, 100)
-    assert found[0][0] == 30 and "step_000000030.pt has no sidecar (its write was interrupted)" in found[0][1]
+    found = checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with(), DATA, 100))
+    assert (
+        found[0][0] == 30
+        and "step_000000030.pt has no sidecar (its write was interrupted)" in found[0][1]
+    )
     assert "model 0 has no file of it" in found[0][1]
     assert found[1] == (20, None)
 
@@ -71,9 +87,11 @@ def test_a_file_without_sidecar_is_an_interrupted_write(tmp_path):
 def test_one_model_deleted_is_an_error_not_a_fresh_start(tmp_path):
     run_of(tmp_path, models=(0,))
     with pytest.raises(ConfigError) as e:
-        checkpoint.scan(tmp_path, cfg_with(), TOPO, DATA, 100)
+        checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with(), DATA, 100))
     msg = str(e.value)
-    assert "model 1 has none" in msg and "restore" in msg and "new run.dir" in msg and "\n" not in msg
+    assert (
+        "model 1 has none" in msg and "restore" in msg and "new run.dir" in msg and "\n" not in msg
+    )
 
 
 def test_every_checkpoint_damaged_is_an_error(tmp_path):
@@ -81,11 +99,11 @@ def test_every_checkpoint_damaged_is_an_error(tmp_path):
     pt = checkpoint.step_path(tmp_path, 1, 10, ".pt")
     pt.write_bytes(b"")
     with pytest.raises(ConfigError, match="model 1 has no complete one.*truncated"):
-        checkpoint.scan(tmp_path, cfg_with(), TOPO, DATA, 100)
+        checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with(), DATA, 100))
 
 
 def test_empty_run_dir_is_a_fresh_start(tmp_path):
-    assert checkpoint.scan(tmp_path, cfg_with(), TOPO, DATA, 100) == []
+    assert checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with(), DATA, 100)) == []
 
 
 def test_refusal_names_the_newest_checkpoint(tmp_path):
@@ -94,46 +112,74 @@ def test_refusal_names_the_newest_checkpoint(tmp_path):
         for m in (0, 1):
             make_ckpt(tmp_path, m, s, cfg=old)
     with pytest.raises(ConfigError) as e:
-        checkpoint.scan(tmp_path, cfg_with("train.seed=2"), TOPO, DATA, 100)
+        checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with("train.seed=2"), DATA, 100))
     assert "step_000000060.json" in str(e.value) and "train.seed=1" in str(e.value)
 
 
-@pytest.mark.parametrize("override", [
-    "data.augment=true", "optim.lr=0.1", "optim.warmup=2", "optim.lr_schedule=step", "optim.lr_gamma=0.5",
-    "optim.lr_milestones=[5]", "optim.wd_milestones=[5]", "optim.momentum=0.5", "optim.weight_decay=0.001",
-    "optim.unit=steps", "codistill.payload_dtype=bf16", "model.dropout=0.5",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.augment=true",
+        "optim.lr=0.1",
+        "optim.warmup=2",
+        "optim.lr_schedule=step",
+        "optim.lr_gamma=0.5",
+        "optim.lr_milestones=[5]",
+        "optim.wd_milestones=[5]",
+        "optim.momentum=0.5",
+        "optim.weight_decay=0.001",
+        "optim.unit=steps",
+        "codistill.payload_dtype=bf16",
+        "model.dropout=0.5",
+    ],
+)
 def test_every_key_that_changes_the_trajectory_is_compared(tmp_path, override):
     run_of(tmp_path)
     extra = ["optim.wd_values=[0.0]"] if override.startswith("optim.wd_milestones") else []
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
-        checkpoint.scan(tmp_path, cfg_with(override, *extra), TOPO, DATA, 100)
+        checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with(override, *extra), DATA, 100))
 
 
 def test_step_count_matters_only_for_the_cosine_schedule(tmp_path):
-    run_of(tmp_path)                                            # cosine over 100 steps
+    run_of(tmp_path)  # cosine over 100 steps
     with pytest.raises(ConfigError, match="total steps.*cosine.*=100.*=200"):
-        checkpoint.scan(tmp_path, cfg_with(), TOPO, DATA, 200)
+        checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with(), DATA, 200))
     other = tmp_path / "step"
     run_of(other, cfg=cfg_with("optim.lr_schedule=step"))
-    assert checkpoint.scan(other, cfg_with("optim.lr_schedule=step"), TOPO, DATA, 200)[0] == (20, None)
+    assert checkpoint.scan(
+        other, TOPO, resume_settings(cfg_with("optim.lr_schedule=step"), DATA, 200)
+    )[0] == (20, None)
 
 
-@pytest.mark.parametrize("override", ["train.log_every=3", "train.eval_every=7", "run.checkpoint_every=5",
-                                      "run.keep_checkpoints=1", "train.progress=false", "data.workers=1",
-                                      "train.device=cpu", "run.preempt_check_every=4"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.log_every=3",
+        "train.eval_every=7",
+        "run.checkpoint_every=5",
+        "run.keep_checkpoints=1",
+        "train.progress=false",
+        "data.workers=1",
+        "train.device=cpu",
+        "run.preempt_check_every=4",
+    ],
+)
 def test_logging_evaluation_and_cadence_may_change(tmp_path, override):
     run_of(tmp_path)
-    assert checkpoint.scan(tmp_path, cfg_with(override), TOPO, DATA, 100)[0] == (20, None)
+    assert checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with(override), DATA, 100))[0] == (
+        20,
+        None,
+    )
 
 
-def test_a_sidecar_from_before_a_key_was_compared_still_resumes(tmp_path):
+def test_a_sidecar_without_a_compared_key_is_refused_not_resumed(tmp_path):
     run_of(tmp_path)
     for p in tmp_path.glob("checkpoints/model_*/*.json"):
         meta = json.loads(p.read_text())
         del meta["settings"]["optim.lr"]
         p.write_text(json.dumps(meta))
-    assert checkpoint.scan(tmp_path, cfg_with("optim.lr=0.3"), TOPO, DATA, 100)[0] == (20, None)
+    with pytest.raises(ConfigError, match=r"does not record optim\.lr .*another run\.dir"):
+        checkpoint.scan(tmp_path, TOPO, resume_settings(cfg_with("optim.lr=0.3"), DATA, 100))
 
 
 def test_prune_drops_interrupted_temporary_files(tmp_path):
@@ -141,14 +187,28 @@ def test_prune_drops_interrupted_temporary_files(tmp_path):
     d = checkpoint.model_dir(tmp_path, 0)
     (d / ".step_000000040.pt.tmp123").write_bytes(b"partial")
     checkpoint._prune(d, keep=2)
-    assert sorted(p.name for p in d.iterdir()) == ["step_000000020.json", "step_000000020.pt",
-                                                   "step_000000030.json", "step_000000030.pt"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "step_000000020.json",
+        "step_000000020.pt",
+        "step_000000030.json",
+        "step_000000030.pt",
+    ]
 
 
 # ---------------------------------------------------------------- run.dir
-@pytest.mark.parametrize("name,kind", [("metrics.jsonl", "dir"), ("summary.json", "dir"), ("config.yaml", "dir"),
-                                       ("model_1.pt", "dir"), ("checkpoints", "file"), ("tb", "file"),
-                                       ("checkpoints/model_0", "file"), ("tb/model_1", "file")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("metrics.jsonl", "dir"),
+        ("summary.json", "dir"),
+        ("config.yaml", "dir"),
+        ("model_1.pt", "dir"),
+        ("checkpoints", "file"),
+        ("tb", "file"),
+        ("checkpoints/model_0", "file"),
+        ("tb/model_1", "file"),
+    ],
+)
 def test_run_dir_entries_of_the_wrong_kind(tmp_path, name, kind):
     p = tmp_path / name
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +227,9 @@ def test_run_dir_itself_a_file(tmp_path):
 def test_markers_seen_and_missing(tmp_path):
     a = rundir.leave_marker(tmp_path, 0, "node-a", "tok")
     rundir.check_markers(tmp_path, {0: "node-a"}, "tok", "node-a")
-    with pytest.raises(ConfigError, match=r"not one directory shared.*on node-a.*model 1.*on node-b"):
+    with pytest.raises(
+        ConfigError, match=r"not one directory shared.*on node-a.*model 1.*on node-b"
+    ):
         rundir.check_markers(tmp_path, {0: "node-a", 1: "node-b"}, "tok", "node-a")
     # a mark left by an earlier run (another token) does not count
     rundir.leave_marker(tmp_path, 1, "node-b", "old")
@@ -188,24 +250,28 @@ def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
 
 
 def test_atomic_write_that_fails_leaves_nothing(tmp_path):
-    (tmp_path / "summary.json").mkdir()                      # os.replace onto a directory fails
+    (tmp_path / "summary.json").mkdir()  # os.replace onto a directory fails
     with pytest.raises(OSError):
         write_atomic(tmp_path / "summary.json", b"{}")
     assert [q.name for q in tmp_path.iterdir()] == ["summary.json"]
 
 
 def test_config_summary_and_metrics_use_the_atomic_rule(tmp_path, monkeypatch):
+    from hvcodistill import config as config_module
     from hvcodistill import files
     from hvcodistill.training import metrics
+
     calls = []
     real = files.write_atomic
 
     def spy(path, data):
         calls.append(path.name)
         real(path, data)
+
     monkeypatch.setattr(files, "write_atomic", spy)
     monkeypatch.setattr(metrics, "write_atomic", spy)
     monkeypatch.setattr(checkpoint, "write_atomic", spy)
+    monkeypatch.setattr(config_module, "write_atomic", spy)
     save_config(cfg_with(), tmp_path / "config.yaml")
     metrics.write_json_atomic(tmp_path / "summary.json", {"a": 1})
     assert calls == ["config.yaml", "summary.json"]
@@ -223,28 +289,37 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
         write_atomic(disk / "c.pt", b"old")
         with pytest.raises(OSError) as e:
             write_atomic(disk / "c.pt", b"x" * 200_000)
-        assert e.value.errno == 28                            # ENOSPC
-        assert (disk / "c.pt").read_bytes() == b"old" and [q.name for q in disk.iterdir()] == ["c.pt"]
+        assert e.value.errno == 28  # ENOSPC
+        assert (disk / "c.pt").read_bytes() == b"old" and [q.name for q in disk.iterdir()] == [
+            "c.pt"
+        ]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
 
-# ---------------------------------------------------------------- the exchange, through its state dicts
+# ---------------------------------------------------------------- the exchange, via its state dicts
 def test_the_no_exchange_case_is_named():
-    ex = make_exchange(mode="predictions", n_models=1, alpha=1.0, every=1, peer=None, model_id=0, model=None,
-                       batch_key=None)
-    assert type(ex) is NoExchange and ex.teacher_logits(step=0, x=None, logits=None, alpha=1.0) == []
+    one_model = SimpleNamespace(topology=Topology(1, 1))
+    ex = build_exchange(cfg_with().codistill, comms=one_model, model=None, batch_key=None)
+    assert (
+        type(ex) is NoExchange and ex.teacher_logits(step=0, x=None, logits=None, alpha=1.0) == []
+    )
     assert ex.group_state_dict() == {}
-    assert type(make_exchange(mode="weights", n_models=2, alpha=0.0, every=1, peer=None, model_id=0,
-                              model=None, batch_key=None)) is NoExchange
-    assert not issubclass(PredictionExchange, NoExchange) and not issubclass(WeightExchange, NoExchange)
+    no_alpha = cfg_with(
+        "codistill.mode=weights", "codistill.alpha=0", "codistill.every=2"
+    ).codistill
+    assert (
+        type(
+            build_exchange(
+                no_alpha, comms=SimpleNamespace(topology=TOPO), model=None, batch_key=None
+            )
+        )
+        is NoExchange
+    )
+    assert not issubclass(PredictionExchange, NoExchange) and not issubclass(
+        WeightExchange, NoExchange
+    )
     # what the exchanges that send share stays on the base class
-    assert "_allgather_bytes" not in vars(NoExchange) and hasattr(PredictionExchange, "_allgather_bytes")
-
-
-def test_checkpoint_reaches_other_objects_only_through_their_state_dicts():
-    import inspect
-    source = inspect.getsource(checkpoint)
-    for reach in ("exchange.teachers", "exchange, \"teachers\"", "pending_state", "load_pending_state",
-                  "hasattr(tr.exchange", "getattr(tr.exchange", "tr.exchange.finish"):
-        assert reach not in source, reach
+    assert "_allgather_bytes" not in vars(NoExchange) and hasattr(
+        PredictionExchange, "_allgather_bytes"
+    )

@@ -1,6 +1,7 @@
 import pytest
 
-from hvcodistill.training.schedules import LRSchedule, WDSchedule, goyal_lr, itstime, to_steps
+from hvcodistill.cadence import itstime
+from hvcodistill.optim import LRSchedule, WDSchedule, goyal_lr, to_steps
 
 
 def test_warmup_is_linear_and_reaches_base_lr():
@@ -10,10 +11,16 @@ def test_warmup_is_linear_and_reaches_base_lr():
 
 
 def test_step_decay_at_milestones():
-    s = LRSchedule(base_lr=1.0, total_steps=100, warmup_steps=5, kind="step", milestones=(30, 60), gamma=0.1)
+    s = LRSchedule(
+        base_lr=1.0, total_steps=100, warmup_steps=5, kind="step", milestones=(30, 60), gamma=0.1
+    )
     assert s(5) == pytest.approx(1.0)
     assert s(29) == pytest.approx(1.0) and s(30) == pytest.approx(0.1)
-    assert s(59) == pytest.approx(0.1) and s(60) == pytest.approx(0.01) and s(99) == pytest.approx(0.01)
+    assert (
+        s(59) == pytest.approx(0.1)
+        and s(60) == pytest.approx(0.01)
+        and s(99) == pytest.approx(0.01)
+    )
 
 
 def test_cosine_from_base_to_zero_monotone():
@@ -49,7 +56,16 @@ def test_to_steps():
 
 def test_itstime():
     assert not any(itstime(s, 0) for s in range(20))
-    assert itstime(20, 0, total_steps=20, last=True) and not itstime(19, 0, total_steps=20, last=True)
+    assert itstime(20, 0, total_steps=20, last=True) and not itstime(
+        19, 0, total_steps=20, last=True
+    )
     assert [s for s in range(10) if itstime(s, 3)] == [0, 3, 6, 9]
     assert [s for s in range(10) if itstime(s, 3, first=False)] == [3, 6, 9]
     assert itstime(10, 3, total_steps=10, last=True) and not itstime(10, 3, total_steps=10)
+    # the end does its own validation and checkpoint: last=False skips the final step
+    assert itstime(9, 3, total_steps=10, last=False) and not itstime(
+        9, 3, total_steps=9, last=False
+    )
+    # a schedule that starts at an offset (a weights refresh after burn-in)
+    assert [s for s in range(12) if itstime(s, 4, offset=3)] == [3, 7, 11]
+    assert [s for s in range(12) if itstime(s, 4, offset=3, first=False)] == [7, 11]

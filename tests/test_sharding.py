@@ -1,15 +1,23 @@
 import pytest
 import torch
 
-from hvcodistill.errors import ConfigError
 from hvcodistill.data.sharding import BatchPlan, batch_checksum
+from hvcodistill.errors import ConfigError
 
-N, B, G = 103, 4, 3          # 103 // 12 = 8 steps per epoch, 7 samples dropped
+N, B, G = 103, 4, 3  # 103 // 12 = 8 steps per epoch, 7 samples dropped
 
 
 def plan(rank=0, model=0, order="shared", m=2, **kw):
-    args = dict(n_samples=N, batch_size=B, group_size=G, group_rank=rank, n_models=m, model_id=model,
-                order=order, seed=5)
+    args = dict(
+        n_samples=N,
+        batch_size=B,
+        group_size=G,
+        group_rank=rank,
+        n_models=m,
+        model_id=model,
+        order=order,
+        seed=5,
+    )
     args.update(kw)
     return BatchPlan(**args)
 
@@ -67,7 +75,7 @@ def test_keys_range():
         e2, idx2 = p.key(s)
         assert e == e2 and torch.equal(idx, idx2)
     assert [e for e, _ in got] == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2]
-    assert len(list(ks)) == 14      # re-iterable
+    assert len(list(ks)) == 14  # re-iterable
 
 
 def test_batch_too_large():
@@ -78,14 +86,26 @@ def test_batch_too_large():
 def test_checksum():
     idx = torch.tensor([3, 1, 4, 1, 5])
     c = batch_checksum(2, idx)
-    assert c == batch_checksum(2, idx.clone()) == batch_checksum(2, torch.tensor([3, 1, 4, 1, 5], dtype=torch.int32))
+    assert (
+        c
+        == batch_checksum(2, idx.clone())
+        == batch_checksum(2, torch.tensor([3, 1, 4, 1, 5], dtype=torch.int32))
+    )
     assert c != batch_checksum(2, torch.tensor([3, 1, 4, 1, 6]))
     assert c != batch_checksum(3, idx)
 
 
 def test_keys_are_copies_not_views_of_the_epoch_order():
-    plan = BatchPlan(n_samples=64, batch_size=4, group_size=2, group_rank=0, n_models=1, model_id=0,
-                     order="shared", seed=0)
+    plan = BatchPlan(
+        n_samples=64,
+        batch_size=4,
+        group_size=2,
+        group_rank=0,
+        n_models=1,
+        model_id=0,
+        order="shared",
+        seed=0,
+    )
     _, first = plan.key(0)
     first.fill_(-1)
     assert (plan.key(0)[1] >= 0).all()

@@ -12,6 +12,7 @@ itself and only the peer exchange crosses the link between the nodes. Covered:
 - node1 killed mid-run (SIGKILL to its slurmd, the job step and the ranks): the job ends within 30 s
   with a reason in its log, and the checkpoints it wrote stay resumable.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,15 @@ from tests.slurm_cluster import TERMINAL_STATES, EmulatedSlurmCluster, SlurmErro
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi, needs_cluster]
 
 CODISTILL_SBATCH = ROOT / "slurm" / "codistill.sbatch"
-# Two nodes, 2 tasks of 1 CPU each, no GPUs: command-line options override the scripts' #SBATCH lines.
-TWO_NODES = ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=20"]
+# Two nodes, 2 tasks of 1 CPU each, no GPUs: command-line options override the scripts' #SBATCH
+# lines.
+TWO_NODES = [
+    "--nodes=2",
+    "--ntasks-per-node=2",
+    "--cpus-per-task=1",
+    "--gpus-per-node=0",
+    "--time=20",
+]
 QUIET = "train.epochs=0 train.progress=false train.eval_every=0"
 FAIL_FAST_S = 30
 
@@ -43,7 +51,7 @@ def nodes_cluster():
     reason = ensure_installed()
     if reason:
         pytest.skip(reason)
-    workdir = Path(tempfile.mkdtemp(prefix="hvslurm2-"))   # short: munged's socket path must fit
+    workdir = Path(tempfile.mkdtemp(prefix="hvslurm2-"))  # short: munged's socket path must fit
     emulated = EmulatedCluster(2, name=unique_name(), state_dir=workdir / "emulated")
     cluster = None
     try:
@@ -65,18 +73,32 @@ def nodes_cluster():
 def slurm(nodes_cluster):
     """The cluster with both nodes up and no job left after each test."""
     for node in nodes_cluster.nodes:
-        nodes_cluster.revive(node)                     # a test may have killed it
+        nodes_cluster.revive(node)  # a test may have killed it
     yield nodes_cluster
     nodes_cluster.cancel_all()
 
 
-def submit(cluster: EmulatedSlurmCluster, tmp_path: Path, *, launcher: str, overrides: str,
-           config: str = "configs/digits_codistill.yaml") -> tuple[int, Path, Path]:
+def submit(
+    cluster: EmulatedSlurmCluster,
+    tmp_path: Path,
+    *,
+    launcher: str,
+    overrides: str,
+    config: str = "configs/digits_codistill.yaml",
+) -> tuple[int, Path, Path]:
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    env = {"RUN_DIR": str(run_dir), "OVERRIDES": overrides, "LAUNCHER": launcher, "PYTHON": sys.executable,
-           "CONFIG": config}
-    job, _ = cluster.sbatch([*TWO_NODES, f"--output={out}", "--export=ALL", str(CODISTILL_SBATCH)], env=env,
-                            cwd=tmp_path)
+    env = {
+        "RUN_DIR": str(run_dir),
+        "OVERRIDES": overrides,
+        "LAUNCHER": launcher,
+        "PYTHON": sys.executable,
+        "CONFIG": config,
+    }
+    job, _ = cluster.sbatch(
+        [*TWO_NODES, f"--output={out}", "--export=ALL", str(CODISTILL_SBATCH)],
+        env=env,
+        cwd=tmp_path,
+    )
     return job, run_dir, out
 
 
@@ -93,9 +115,11 @@ def finished(cluster, job: int, out: Path, *, timeout: float = 240, until=None) 
 
 def assert_completed(fields: dict, out: Path, cluster=None) -> str:
     log = read(out)
-    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", \
-        f"job {fields.get('JobId')} ended {fields.get('JobState')} {fields.get('ExitCode')}\n{log}\n" \
+    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", (
+        f"job {fields.get('JobId')} ended {fields.get('JobState')} {fields.get('ExitCode')}\n"
+        f"{log}\n"
         f"{cluster.logs() if cluster else ''}"
+    )
     return log
 
 
@@ -103,7 +127,9 @@ def wait_for_training(cluster, job: int, run_dir: Path, out: Path, *, timeout: f
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while not (metrics.exists() and metrics.read_text().strip()):
-        assert cluster.job(job).get("JobState") not in TERMINAL_STATES, f"job ended before training\n{read(out)}"
+        assert cluster.job(job).get("JobState") not in TERMINAL_STATES, (
+            f"job ended before training\n{read(out)}"
+        )
         assert time.monotonic() < deadline, f"no metrics after {timeout:.0f}s\n{read(out)}"
         time.sleep(0.2)
 
@@ -120,15 +146,17 @@ def wait_for_line(out: Path, texts: tuple[str, ...], timeout: float = 10) -> boo
 
 
 def assert_contiguous(summary: dict) -> None:
-    """From the run's own record: world ranks 0,1 (model 0) on node0, ranks 2,3 (model 1) on node1."""
+    """From the run's own record: world ranks 0,1 (model 0) on node0, ranks 2,3 (model 1) on
+    node1."""
     nodes, topology = summary["nodes"], summary["topology"]
     assert topology == {"world_size": 4, "n_models": 2, "group_size": 2}
     assert nodes["count"] == 2 and nodes["hosts"] == ["node0", "node1"], nodes
     assert nodes["node_of_rank"] == [0, 0, 1, 1], nodes
     g = topology["group_size"]
     for model in range(topology["n_models"]):
-        assert len({nodes["node_of_rank"][r] for r in range(model * g, (model + 1) * g)}) == 1, \
+        assert len({nodes["node_of_rank"][r] for r in range(model * g, (model + 1) * g)}) == 1, (
             f"model {model}'s ranks span nodes: {nodes}"
+        )
 
 
 def load(path: Path) -> dict:
@@ -145,8 +173,17 @@ def uninterrupted(tmp_path_factory):
     def run(overrides: str) -> Path:
         if overrides not in runs:
             run_dir = tmp_path_factory.mktemp("uninterrupted")
-            run_ranks(4, ["-m", "hvcodistill.train", "--config", str(ROOT / "configs" / "digits_codistill.yaml"),
-                          *overrides.split(), f"run.dir={run_dir}"])
+            run_ranks(
+                4,
+                [
+                    "-m",
+                    "hvcodistill.train",
+                    "--config",
+                    str(ROOT / "configs" / "digits_codistill.yaml"),
+                    *overrides.split(),
+                    f"run.dir={run_dir}",
+                ],
+            )
             runs[overrides] = run_dir
         return runs[overrides]
 
@@ -158,7 +195,9 @@ def test_codistill_sbatch_on_two_nodes(slurm, tmp_path, launcher):
     """2 nodes x 2 tasks: the job completes, each model's ranks sit on one node, the nodes are the
     two slurmds' (node0, node1), and bytes crossed between the nodes."""
     start = time.monotonic()
-    job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=f"{QUIET} train.steps=40")
+    job, run_dir, out = submit(
+        slurm, tmp_path, launcher=launcher, overrides=f"{QUIET} train.steps=40"
+    )
     fields = finished(slurm, job, out)
     log = assert_completed(fields, out)
     print(f"{launcher}: job {job} on {fields.get('NodeList')} took {time.monotonic() - start:.1f}s")
@@ -172,7 +211,9 @@ def test_codistill_sbatch_on_two_nodes(slurm, tmp_path, launcher):
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-def test_preemption_on_two_nodes_requeues_and_resumes_bitwise(slurm, tmp_path, uninterrupted, launcher):
+def test_preemption_on_two_nodes_requeues_and_resumes_bitwise(
+    slurm, tmp_path, uninterrupted, launcher
+):
     """SIGUSR1 to the batch shell on node0 (what --signal=B:USR1 does) reaches the ranks on both
     nodes; they checkpoint and exit 75, the job is requeued, runs again on both nodes, resumes, and
     ends with weights bitwise equal to an uninterrupted run."""
@@ -182,8 +223,13 @@ def test_preemption_on_two_nodes_requeues_and_resumes_bitwise(slurm, tmp_path, u
     wait_for_training(slurm, job, run_dir, out)
     signalled = time.monotonic()
     slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
-    fields = finished(slurm, job, out, timeout=120, until=lambda f: int(f.get("Restarts", "0")) >= 1
-                      or f.get("JobState") in TERMINAL_STATES)
+    fields = finished(
+        slurm,
+        job,
+        out,
+        timeout=120,
+        until=lambda f: int(f.get("Restarts", "0")) >= 1 or f.get("JobState") in TERMINAL_STATES,
+    )
     print(f"{launcher}: USR1 -> requeued in {time.monotonic() - signalled:.1f}s")
     assert int(fields.get("Restarts", "0")) >= 1, f"job was not requeued: {fields}\n{read(out)}"
     checkpoints = sorted((run_dir / "checkpoints").rglob("step_*.pt"))
@@ -201,8 +247,9 @@ def test_preemption_on_two_nodes_requeues_and_resumes_bitwise(slurm, tmp_path, u
         resumed, reference = load(run_dir / f"model_{i}.pt"), load(reference_dir / f"model_{i}.pt")
         assert resumed.keys() == reference.keys()
         for name in reference:
-            assert torch.equal(resumed[name], reference[name]), \
+            assert torch.equal(resumed[name], reference[name]), (
                 f"model {i} {name}: the requeued run differs from the uninterrupted one"
+            )
 
 
 def newest_complete_step(run_dir: Path) -> int:
@@ -235,8 +282,11 @@ def test_killed_node_ends_the_job_fast(slurm, tmp_path, launcher):
     took = time.monotonic() - killed
     log = read(out)
     newest = newest_complete_step(run_dir)
-    print(f"{launcher}: node1 killed -> job {fields.get('JobState')} (exit {fields.get('ExitCode')}, "
-          f"restarts {fields.get('Restarts')}) after {took:.1f}s; newest checkpoint step {newest}\n{log[-1500:]}")
+    print(
+        f"{launcher}: node1 killed -> job {fields.get('JobState')} (exit {fields.get('ExitCode')}, "
+        f"restarts {fields.get('Restarts')}) after {took:.1f}s; newest checkpoint step {newest}\n"
+        f"{log[-1500:]}"
+    )
     assert took < FAIL_FAST_S, f"job still running {took:.0f}s after node1 died: {fields}\n{log}"
     assert not (run_dir / "summary.json").exists(), (fields, log)
     if int(fields.get("Restarts", "0")) >= 1:
@@ -244,7 +294,8 @@ def test_killed_node_ends_the_job_fast(slurm, tmp_path, launcher):
         # NODE_FAIL (srun today: the ranks on node0 wait for their peers until then)
         assert wait_for_line(out, ("Node failure on node1", "DUE TO NODE FAILURE")), read(out)
     else:
-        # ended by the launcher, which says why (mpirun: its daemon on node1 is gone), and the script
+        # ended by the launcher, which says why (mpirun: its daemon on node1 is gone), and the
+        # script
         fields = finished(slurm, job, out, timeout=60)
         log = read(out)
         assert fields.get("JobState") == "FAILED" and fields.get("ExitCode") != "0:0", (fields, log)
@@ -259,5 +310,8 @@ def test_killed_node_ends_the_job_fast(slurm, tmp_path, launcher):
         job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=overrides)
     assert_completed(finished(slurm, job, out), out, slurm)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == steps and summary["resumed_from_step"] == newest, (summary, read(out))
+    assert summary["steps"] == steps and summary["resumed_from_step"] == newest, (
+        summary,
+        read(out),
+    )
     assert_contiguous(summary)

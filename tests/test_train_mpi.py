@@ -1,4 +1,5 @@
 """The trainer under real mpirun, run as users run it: the CLI, its run directory and exit codes."""
+
 import json
 
 import pytest
@@ -14,8 +15,11 @@ SHORT = ["train.epochs=0", "train.steps=30", "train.eval_every=0", "train.progre
 
 
 def train(ranks, np, run_dir, *overrides, config=CODISTILL, check=True):
-    return ranks(np, ["-m", "hvcodistill.train", "--config", config, *SHORT, f"run.dir={run_dir}", *overrides],
-                 check=check)
+    return ranks(
+        np,
+        ["-m", "hvcodistill.train", "--config", config, *SHORT, f"run.dir={run_dir}", *overrides],
+        check=check,
+    )
 
 
 def load(path):
@@ -31,25 +35,51 @@ def assert_close(a, b, **tol):
 @pytest.mark.parametrize("mode", ["predictions", "weights"])
 @pytest.mark.parametrize("np", [4, 6])
 def test_group_invariants_every_step(ranks, mode, np):
-    proc = ranks(np, [str(MPI_DIR / "check_group_invariants.py"), mode, "12", f"codistill.n_models={np // 2}"])
+    proc = ranks(
+        np,
+        [str(MPI_DIR / "check_group_invariants.py"), mode, "12", f"codistill.n_models={np // 2}"],
+    )
     assert "invariants ok" in proc.stdout
 
 
-@pytest.mark.parametrize("what,line", [("predictions", "predictions ok"),
-                                       ("mismatch", "mismatch caught (value, label)"),
-                                       ("weights", "weights ok")])
+@pytest.mark.parametrize(
+    "what,line",
+    [
+        ("predictions", "predictions ok"),
+        ("mismatch", "mismatch caught (value, label)"),
+        ("weights", "weights ok"),
+    ],
+)
 @pytest.mark.parametrize("np", [4, 6])
 def test_exchange(ranks, tmp_path, what, line, np):
-    proc = ranks(np, [str(MPI_DIR / "check_exchange.py"), what, f"codistill.n_models={np // 2}",
-                      f"run.dir={tmp_path}"])
+    proc = ranks(
+        np,
+        [
+            str(MPI_DIR / "check_exchange.py"),
+            what,
+            f"codistill.n_models={np // 2}",
+            f"run.dir={tmp_path}",
+        ],
+    )
     assert f"{line}: W={np} M={np // 2}" in proc.stdout.splitlines(), proc.stdout
 
 
 def test_one_model_equals_plain_horovod(ranks, tmp_path):
-    train(ranks, 2, tmp_path / "m1", "optim.lr=0.1", "optim.lr_schedule=constant", "optim.warmup=0",
-          config=ALLREDUCE)
-    ranks(2, [str(MPI_DIR / "plain_horovod.py"), str(tmp_path / "plain.pt"), "30", "32", "0.1", "0"])
-    assert_close(load(tmp_path / "m1" / "model_0.pt"), load(tmp_path / "plain.pt"), rtol=1e-5, atol=1e-6)
+    train(
+        ranks,
+        2,
+        tmp_path / "m1",
+        "optim.lr=0.1",
+        "optim.lr_schedule=constant",
+        "optim.warmup=0",
+        config=ALLREDUCE,
+    )
+    ranks(
+        2, [str(MPI_DIR / "plain_horovod.py"), str(tmp_path / "plain.pt"), "30", "32", "0.1", "0"]
+    )
+    assert_close(
+        load(tmp_path / "m1" / "model_0.pt"), load(tmp_path / "plain.pt"), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_alpha_zero_groups_are_independent_runs(ranks, tmp_path):
@@ -70,8 +100,18 @@ def test_codistillation_changes_the_models(ranks, tmp_path):
     assert any(not torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
-CONTRACT_KEYS = {"topology", "mode", "every", "steps", "wall_seconds", "models", "ensemble_val_accuracy",
-                 "disagreement", "timing", "exchanged_bytes"}
+CONTRACT_KEYS = {
+    "topology",
+    "mode",
+    "every",
+    "steps",
+    "wall_seconds",
+    "models",
+    "ensemble_val_accuracy",
+    "disagreement",
+    "timing",
+    "exchanged_bytes",
+}
 
 
 @pytest.mark.parametrize("mode", ["predictions", "weights"])
@@ -80,8 +120,19 @@ def test_digits_end_to_end(ranks, tmp_path, mode):
 
     run = tmp_path / "run"
     extra = ["codistill.every=20", "data.order=disjoint"] if mode == "weights" else []
-    proc = ranks(4, ["-m", "hvcodistill.train", "--config", CODISTILL, f"run.dir={run}",
-                     f"codistill.mode={mode}", "train.epochs=12", *extra])
+    proc = ranks(
+        4,
+        [
+            "-m",
+            "hvcodistill.train",
+            "--config",
+            CODISTILL,
+            f"run.dir={run}",
+            f"codistill.mode={mode}",
+            "train.epochs=12",
+            *extra,
+        ],
+    )
     assert "hvcodistill: done" in proc.stdout
     s = json.loads((run / "summary.json").read_text())
     assert CONTRACT_KEYS <= s.keys()
@@ -99,19 +150,32 @@ def test_digits_end_to_end(ranks, tmp_path, mode):
         acc = EventAccumulator(str(run / "tb" / f"model_{model}"))
         acc.Reload()
         tags = set(acc.Tags()["scalars"])
-        assert {"train/task_loss", "train/distill_loss", "train/accuracy", "train/lr", "train/weight_decay",
-                "train/exchange_s", "val/val_accuracy", "val/ensemble_val_accuracy"} <= tags, tags
+        assert {
+            "train/task_loss",
+            "train/distill_loss",
+            "train/accuracy",
+            "train/lr",
+            "train/weight_decay",
+            "train/exchange_s",
+            "val/val_accuracy",
+            "val/ensemble_val_accuracy",
+        } <= tags, tags
         last = acc.Scalars("val/val_accuracy")[-1]
-        assert last.step == s["steps"] and last.value == pytest.approx(s["models"][model]["val_accuracy"])
+        assert last.step == s["steps"] and last.value == pytest.approx(
+            s["models"][model]["val_accuracy"]
+        )
         assert any(e.value > 0 for e in acc.Scalars("train/distill_loss"))
 
 
-@pytest.mark.parametrize("np,args,needle", [
-    (4, ["codistill.n_models=3"], "W=4, codistill.n_models M=3"),
-    (4, ["codistill.nope=1"], "codistill.nope"),
-    (2, ["data.name=npz", "data.path=/nonexistent/data.npz"], "/nonexistent/data.npz"),
-    (2, ["codistill.mode=predictions", "data.order=disjoint"], "data.order"),
-])
+@pytest.mark.parametrize(
+    "np,args,needle",
+    [
+        (4, ["codistill.n_models=3"], "W=4, codistill.n_models M=3"),
+        (4, ["codistill.nope=1"], "codistill.nope"),
+        (2, ["data.name=npz", "data.path=/nonexistent/data.npz"], "/nonexistent/data.npz"),
+        (2, ["codistill.mode=predictions", "data.order=disjoint"], "data.order"),
+    ],
+)
 def test_bad_input_one_line_exit_2(ranks, tmp_path, np, args, needle):
     proc = train(ranks, np, tmp_path / "run", *args, check=False)
     assert proc.returncode == 2, proc.stderr
@@ -124,16 +188,34 @@ def test_resnet50_weights_mode_bf16_smoke(ranks, tmp_path):
     """The paper's model and config on CPU: torchvision ResNet-50, weight exchange, bf16 autocast,
     a DataLoader worker; synthetic 64x64 images so it runs in seconds."""
     cfg = str(ROOT / "configs" / "imagenet_resnet50_codistill.yaml")
-    proc = ranks(2, ["-m", "hvcodistill.train", "--config", cfg, f"run.dir={tmp_path}", "data.name=synthetic",
-                     "data.synthetic_shape=[3,64,64]", "data.synthetic_train_size=64",
-                     "data.synthetic_val_size=16", "train.epochs=0", "train.steps=3", "train.batch_size=4",
-                     "train.device=cpu",                        # the config asks for cuda
-                     "codistill.every=2", "codistill.burn_in_steps=0", "data.workers=1", "train.eval_every=0",
-                     "train.progress=false"])
+    proc = ranks(
+        2,
+        [
+            "-m",
+            "hvcodistill.train",
+            "--config",
+            cfg,
+            f"run.dir={tmp_path}",
+            "data.name=synthetic",
+            "data.synthetic_shape=[3,64,64]",
+            "data.synthetic_train_size=64",
+            "data.synthetic_val_size=16",
+            "train.epochs=0",
+            "train.steps=3",
+            "train.batch_size=4",
+            "train.device=cpu",  # the config asks for cuda
+            "codistill.every=2",
+            "codistill.burn_in_steps=0",
+            "data.workers=1",
+            "train.eval_every=0",
+            "train.progress=false",
+        ],
+    )
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["mode"] == "weights" and s["exchanges"] == 2 and s["steps"] == 3
     # each exchange moves a whole ResNet-50 (parameters and BN buffers) to each rank's one peer
     from hvcodistill.models import build_model
+
     state = build_model("resnet50", input_shape=(3, 64, 64), num_classes=10).state_dict().values()
     assert s["exchanged_bytes"] == 2 * 2 * sum(t.numel() * t.element_size() for t in state)
     assert "hvcodistill: done" in proc.stdout
@@ -148,9 +230,25 @@ def test_horovodrun_launch(tmp_path):
 
     env = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1", OMP_NUM_THREADS="1")
     horovodrun = str(Path(sys.executable).parent / "horovodrun")
-    proc = subprocess.run([horovodrun, "-np", "4", sys.executable, "-m", "hvcodistill.train", "--config", CODISTILL,
-                           *SHORT, f"run.dir={tmp_path}"], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            horovodrun,
+            "-np",
+            "4",
+            sys.executable,
+            "-m",
+            "hvcodistill.train",
+            "--config",
+            CODISTILL,
+            *SHORT,
+            f"run.dir={tmp_path}",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["topology"] == {"world_size": 4, "n_models": 2, "group_size": 2} and s["steps"] == 30

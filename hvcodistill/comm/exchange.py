@@ -5,6 +5,7 @@ bytes staged on the host, so any dtype travels exactly and any MPI (CUDA-aware o
 All peers call the same collectives in the same order: the cadence is a pure function of the step.
 (A weights-mode refresh is sharded and non-blocking: see WeightExchange.)
 """
+
 from __future__ import annotations
 
 import atexit
@@ -12,39 +13,42 @@ import contextlib
 import copy
 import time
 import weakref
-
 from typing import Callable
 
 import numpy as np
 import torch
 
+from hvcodistill.comm.modes import CHECKSUM_BYTES, Mode, Predictions, Weights
 from hvcodistill.comm.topk import INDEX_DTYPE, topk_payload, topk_teacher_logits
 from hvcodistill.comm.traffic import Traffic
 from hvcodistill.data.sharding import batch_checksum
-from hvcodistill.training.schedules import itstime
+from hvcodistill.errors import DataMismatchError
 
 
-class BatchMismatchError(RuntimeError):
-    """Peers in `predictions` mode did not hold the same batch; `report`: this rank says so."""
+class BatchMismatchError(DataMismatchError):
+    """Peers in `predictions` mode did not hold the same batch. Only the peers see it, the
+    other ranks wait in collectives: the job is aborted, `says` on model 0's rank."""
 
     def __init__(self, message: str, report: bool):
-        super().__init__(message)
-        self.report = report
+        super().__init__(message, says=report)
 
 
 class Exchange:
-    """What every exchange shares: its counters and timing. Subclasses say what travels.
+    """What every exchange shares: its counters and timing. Subclasses say what travels, and
+    which mode's rules (comm/modes.py) they implement.
 
     `traffic` (shared with the trainer) counts what each exchange sends by link; `peers_by_link`
     says how many of this rank's peers sit on its node and on other nodes."""
 
+    mode: type[Mode] | None = None
+
     def __init__(self, traffic: Traffic | None = None, peers_by_link: dict | None = None) -> None:
-        self.seconds = 0.0          # wall time inside exchanges (see _timed), staging included
-        self.bytes_received = 0     # bytes this rank received from its peers
+        self.seconds = 0.0  # wall time inside exchanges (see _timed), staging included
+        self.bytes_received = 0  # bytes this rank received from its peers
         self.count = 0
         self.traffic = traffic if traffic is not None else Traffic()
         self.peers_by_link = peers_by_link or {}
-        self._timing = False        # inside a _timed() block: nested blocks count once
+        self._timing = False  # inside a _timed() block: nested blocks count once
 
     @contextlib.contextmanager
     def _timed(self, device: torch.device | None = None):
@@ -74,7 +78,11 @@ class Exchange:
         return {"seconds": self.seconds, "bytes_received": self.bytes_received, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seconds, self.bytes_received, self.count = state["seconds"], state["bytes_received"], state["count"]
+        self.seconds, self.bytes_received, self.count = (
+            state["seconds"],
+            state["bytes_received"],
+            state["count"],
+        )
 
     def group_state_dict(self) -> dict:
         """What every rank of the group holds alike (a checkpoint saves it once); call it after
@@ -84,8 +92,15 @@ class Exchange:
     def load_group_state_dict(self, state: dict) -> None:
         pass
 
-    def teacher_logits(self, *, step: int, x: torch.Tensor, logits: torch.Tensor,
-                       alpha: float, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def teacher_logits(
+        self,
+        *,
+        step: int,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        alpha: float,
+        y: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """The teachers' logits for this batch (x, labels y): constants, possibly none."""
         return []
 
@@ -97,7 +112,9 @@ class Exchange:
         self.bytes_received += out.nbytes - payload.nbytes
         self.count += 1
         # each of the M-1 peers receives this rank's payload: on this node or across the network
-        self.traffic.add("exchange", {link: n * payload.nbytes for link, n in self.peers_by_link.items()})
+        self.traffic.add(
+            "exchange", {link: n * payload.nbytes for link, n in self.peers_by_link.items()}
+        )
         return out
 
 
@@ -111,7 +128,7 @@ class NoExchange(Exchange):
 # fp32's range. numpy has no bfloat16, so every payload travels as raw bytes.
 PAYLOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
-_CHECKSUM_BYTES = 8
+_CHECKSUM_BYTES = CHECKSUM_BYTES
 
 
 def pack_logits(logits: torch.Tensor, payload_dtype: str, checksum: int) -> np.ndarray:
@@ -119,7 +136,7 @@ def pack_logits(logits: torch.Tensor, payload_dtype: str, checksum: int) -> np.n
     to the host moves the smaller payload), then the batch checksum as 8 little-endian bytes."""
     wire = logits.detach()
     if payload_dtype == "fp16":
-        wire = wire.float().clamp(-_FP16_MAX, _FP16_MAX)     # saturate rather than become inf
+        wire = wire.float().clamp(-_FP16_MAX, _FP16_MAX)  # saturate rather than become inf
     return _payload([wire.to(PAYLOAD_DTYPES[payload_dtype])], checksum)
 
 
@@ -130,7 +147,7 @@ def _payload(parts: list[torch.Tensor], checksum: int) -> np.ndarray:
     payload = torch.empty(sum(r.numel() for r in raw) + _CHECKSUM_BYTES, dtype=torch.uint8)
     at = 0
     for r in raw:
-        payload[at:at + r.numel()].copy_(r)
+        payload[at : at + r.numel()].copy_(r)
         at += r.numel()
     out = payload.numpy()
     out[at:] = np.array([checksum], dtype="<u8").view(np.uint8)
@@ -143,7 +160,9 @@ def pack_topk(logits: torch.Tensor, k: int, payload_dtype: str, checksum: int) -
     return _payload(list(topk_payload(logits, k, PAYLOAD_DTYPES[payload_dtype])), checksum)
 
 
-def unpack_topk(row: np.ndarray, k: int, payload_dtype: str, shape, device: torch.device) -> torch.Tensor:
+def unpack_topk(
+    row: np.ndarray, k: int, payload_dtype: str, shape, device: torch.device
+) -> torch.Tensor:
     """A peer's teacher logits (float32 log-probabilities, the rest of the mass spread evenly)
     from its top-k payload row."""
     rows = int(np.prod(shape[:-1]))
@@ -173,36 +192,71 @@ class PredictionExchange(Exchange):
     `batch_key(step)`) and the content actually delivered (the labels y and an exact digest of
     every input value of x: data.sharding.content_digest), so a peer holding a different batch,
     or the same samples read from different data, is caught on every exchange at the cost of
-    8 bytes; it is computed on exchange steps only (given no x and y, the plan only). Logits travel as `payload_dtype` (fp32: exact, the default;
+    8 bytes; it is computed on exchange steps only (given no x and y, the plan only). Logits
+    travel as `payload_dtype` (fp32: exact, the default;
     fp16/bf16: half the bytes) and come back as float32. `seconds` covers the whole exchange:
     checksum, cast and copy to the host, allgather, unpacking and the copy back to the device.
     """
 
-    def __init__(self, peer, model_id: int, every: int, batch_key: Callable[[int], tuple],
-                 payload_dtype: str = "fp32", topk: int = 0, **counting):
+    mode = Predictions
+
+    def __init__(
+        self,
+        peer,
+        model_id: int,
+        every: int,
+        batch_key: Callable[[int], tuple],
+        payload_dtype: str = "fp32",
+        topk: int = 0,
+        **counting,
+    ):
         super().__init__(**counting)
         if payload_dtype not in PAYLOAD_DTYPES:
-            raise ValueError(f"payload_dtype must be one of {', '.join(PAYLOAD_DTYPES)}, got {payload_dtype!r}")
+            raise ValueError(
+                f"payload_dtype must be one of {', '.join(PAYLOAD_DTYPES)}, got {payload_dtype!r}"
+            )
         self.peer, self.model_id, self.every, self.batch_key = peer, model_id, every, batch_key
-        self.payload_dtype, self.topk = payload_dtype, topk     # topk 0: every logit
+        self.payload_dtype, self.topk = payload_dtype, topk  # topk 0: every logit
+
+    @classmethod
+    def from_config(cls, c, *, comms, model, batch_key, group_by_link=None, **counting):
+        return cls(
+            comms.peer,
+            comms.model_id,
+            c.every,
+            batch_key,
+            payload_dtype=c.payload_dtype,
+            topk=c.topk,
+            **counting,
+        )
 
     def teacher_logits(self, *, step, x, logits, alpha, y=None):
-        if alpha == 0 or not itstime(step, self.every):
+        if alpha == 0 or not self.mode.exchanges_at(step, every=self.every, burn_in=0):
             return []
         with self._timed(logits.device):
             checksum = batch_checksum(*self.batch_key(step), x=x, y=y)
             k = min(self.topk, logits.shape[-1])
-            payload = (pack_topk(logits, k, self.payload_dtype, checksum) if k
-                       else pack_logits(logits, self.payload_dtype, checksum))
+            payload = (
+                pack_topk(logits, k, self.payload_dtype, checksum)
+                if k
+                else pack_logits(logits, self.payload_dtype, checksum)
+            )
             rows = self._allgather_bytes(self.peer, payload)
             sums = [payload_checksum(row) for row in rows]
             if len(set(sums)) != 1:
                 raise BatchMismatchError(
-                    f"step {step}: peers hold different batches (checksums {[hex(s) for s in sums]}); "
+                    f"step {step}: peers hold different batches "
+                    f"(checksums {[hex(s) for s in sums]}); "
                     "predictions mode needs data.order=shared and identical data on every peer",
-                    report=self.model_id == 0)
-            unpack = ((lambda row: unpack_topk(row, k, self.payload_dtype, logits.shape, logits.device)) if k else
-                      (lambda row: unpack_logits(row, self.payload_dtype, logits.shape, logits.device)))
+                    report=self.model_id == 0,
+                )
+            unpack = (
+                (lambda row: unpack_topk(row, k, self.payload_dtype, logits.shape, logits.device))
+                if k
+                else (
+                    lambda row: unpack_logits(row, self.payload_dtype, logits.shape, logits.device)
+                )
+            )
             return [unpack(rows[m]) for m in range(len(rows)) if m != self.model_id]
 
 
@@ -234,11 +288,22 @@ class WeightExchange(Exchange):
     resumed run installs the identical teachers at the same step.
     """
 
-    _AVERAGE, _PEER, _GROUP, _DONE = range(4)        # the stages of a refresh, in order
+    mode = Weights
+    _AVERAGE, _PEER, _GROUP, _DONE = range(4)  # the stages of a refresh, in order
 
-    def __init__(self, peer, model_id: int, every: int, model: torch.nn.Module, *, group,
-                 group_by_link: dict | None = None, burn_in_steps: int = 0, refresh_delay: int = 0,
-                 **counting):
+    def __init__(
+        self,
+        peer,
+        model_id: int,
+        every: int,
+        model: torch.nn.Module,
+        *,
+        group,
+        group_by_link: dict | None = None,
+        burn_in_steps: int = 0,
+        refresh_delay: int = 0,
+        **counting,
+    ):
         super().__init__(**counting)
         if not 0 <= refresh_delay < every:
             raise ValueError(f"refresh_delay must be in [0, every={every}), got {refresh_delay}")
@@ -255,19 +320,33 @@ class WeightExchange(Exchange):
             self.teachers.append(t)
         self.others = [m for m in range(peer.Get_size()) if m != model_id]
         self._layout()
-        self._refresh = None            # the refresh in flight: taken_at, install_at, stage, request
-        self.installed_from = None      # step the installed teachers were taken at (None: not yet)
-        self.wait_seconds = 0.0         # time spent blocked on a refresh at its install step
+        self._refresh = None  # the refresh in flight: taken_at, install_at, stage, request
+        self.installed_from = None  # step the installed teachers were taken at (None: not yet)
+        self.wait_seconds = 0.0  # time spent blocked on a refresh at its install step
         atexit.register(_finish_at_exit, weakref.ref(self))
 
-    # ---- the schedule: pure functions of the step
+    @classmethod
+    def from_config(cls, c, *, comms, model, batch_key, group_by_link=None, **counting):
+        return cls(
+            comms.peer,
+            comms.model_id,
+            c.every,
+            model,
+            group=comms.group,
+            group_by_link=group_by_link,
+            burn_in_steps=c.burn_in_steps,
+            refresh_delay=c.refresh_delay,
+            **counting,
+        )
+
+    # ---- the schedule: pure functions of the step (the mode's rules)
     def refreshes_at(self, step: int) -> bool:
-        return step >= self.burn_in and (step - self.burn_in) % self.every == 0
+        return self.mode.exchanges_at(step, every=self.every, burn_in=self.burn_in)
 
     @property
     def distill_from(self) -> int:
         """First step whose teachers were taken at or after burn-in."""
-        return self.burn_in + self.delay
+        return self.mode.distills_from(burn_in=self.burn_in, refresh_delay=self.delay)
 
     # ---- the payload: the state dict's bytes, in one host buffer
     def _layout(self) -> None:
@@ -277,7 +356,11 @@ class WeightExchange(Exchange):
         state = self.model.state_dict(keep_vars=True)
         averaged = {n for n, b in self.model.named_buffers() if b.is_floating_point()} & set(state)
         keys = sorted(state, key=lambda k: (k not in averaged, -state[k].element_size()))
-        self.entries, offset, self.averaged_bytes = [], 0, 0     # entries: (key, offset, nbytes, dtype, shape)
+        self.entries, offset, self.averaged_bytes = (
+            [],
+            0,
+            0,
+        )  # entries: (key, offset, nbytes, dtype, shape)
         for key in keys:
             t = state[key]
             offset = -(-offset // t.element_size()) * t.element_size()
@@ -287,15 +370,17 @@ class WeightExchange(Exchange):
                 self.averaged_bytes = offset
         self.averaged = [e for e in self.entries if e[0] in averaged]
         g, m = self.group.Get_size(), self.peer.Get_size()
-        if g == 1:                       # one rank per model: its buffers are the group's mean
+        if g == 1:  # one rank per model: its buffers are the group's mean
             self.averaged_bytes = 0
         self.nbytes = offset
-        self.shard = -(-offset // g)     # S: the bytes each rank of a group sends its peers
-        # host buffers, allocated once: a refresh is installed before the next one starts (delay < k)
-        self._flat = np.zeros(g * self.shard, dtype=np.uint8)                      # this model, padded
+        self.shard = -(-offset // g)  # S: the bytes each rank of a group sends its peers
+        # host buffers, allocated once: a refresh is installed before the next one starts
+        self._flat = np.zeros(g * self.shard, dtype=np.uint8)  # this model, padded
         self._buffers_in = np.empty((g, max(self.averaged_bytes, 1)), dtype=np.uint8)
-        self._shards_in = np.empty((m, self.shard), dtype=np.uint8)                # shard r of every model
-        self._teachers_in = np.empty((g, m - 1, self.shard), dtype=np.uint8)       # every shard of the peers
+        self._shards_in = np.empty((m, self.shard), dtype=np.uint8)  # shard r of every model
+        self._teachers_in = np.empty(
+            (g, m - 1, self.shard), dtype=np.uint8
+        )  # every shard of the peers
 
     # ---- a refresh, stage by stage
     def _start(self, taken_at: int, install_at: int) -> None:
@@ -304,9 +389,16 @@ class WeightExchange(Exchange):
         state = self.model.state_dict(keep_vars=True)
         with torch.no_grad():
             for key, offset, n, _, _ in self.entries:
-                flat[offset:offset + n].copy_(state[key].detach().contiguous().view(-1).view(torch.uint8))
+                flat[offset : offset + n].copy_(
+                    state[key].detach().contiguous().view(-1).view(torch.uint8)
+                )
         self.count += 1
-        self._refresh = {"taken_at": taken_at, "install_at": install_at, "stage": self._AVERAGE, "request": None}
+        self._refresh = {
+            "taken_at": taken_at,
+            "install_at": install_at,
+            "stage": self._AVERAGE,
+            "request": None,
+        }
         self._post(self._AVERAGE if self.averaged_bytes else self._PEER)
 
     def _post(self, stage: int) -> None:
@@ -314,21 +406,31 @@ class WeightExchange(Exchange):
         r["stage"], r["request"] = stage, None
         add = self.traffic.add
         if stage == self._AVERAGE:
-            # group_comm: every rank's buffers, to average (inside the node with contiguous placement)
-            r["request"] = self.group.Iallgather(self._flat[:self.averaged_bytes], self._buffers_in)
-            add("exchange", {link: n * self.averaged_bytes for link, n in self.group_by_link.items()})
+            # group_comm: every rank's buffers, to average (inside the node when contiguous)
+            r["request"] = self.group.Iallgather(
+                self._flat[: self.averaged_bytes], self._buffers_in
+            )
+            add(
+                "exchange",
+                {link: n * self.averaged_bytes for link, n in self.group_by_link.items()},
+            )
         elif stage == self._PEER:
             # peer_comm: shard r of this model to the peers; shard r of each of theirs back
             rank = self.group.Get_rank()
-            r["request"] = self.peer.Iallgather(self._flat[rank * self.shard:(rank + 1) * self.shard],
-                                                self._shards_in)
+            r["request"] = self.peer.Iallgather(
+                self._flat[rank * self.shard : (rank + 1) * self.shard], self._shards_in
+            )
             add("exchange", {link: n * self.shard for link, n in self.peers_by_link.items()})
             self.bytes_received += (len(self._shards_in) - 1) * self.shard
         elif stage == self._GROUP:
             # group_comm: the peers' shards this rank received, so that every rank has all of them
             lo, hi = self.others[0], self.others[-1] + 1
-            send = self._shards_in[lo:hi] if hi - lo == len(self.others) else self._shards_in[self.others]
-            r["send"] = send                     # kept alive until the request completes
+            send = (
+                self._shards_in[lo:hi]
+                if hi - lo == len(self.others)
+                else self._shards_in[self.others]
+            )
+            r["send"] = send  # kept alive until the request completes
             r["request"] = self.group.Iallgather(send, self._teachers_in)
             add("exchange", {link: n * send.nbytes for link, n in self.group_by_link.items()})
 
@@ -347,9 +449,9 @@ class WeightExchange(Exchange):
         """Write the group mean of every floating-point buffer into this model's payload."""
         flat = torch.from_numpy(self._flat)
         for _, offset, n, dtype, shape in self.averaged:
-            raw = torch.from_numpy(np.ascontiguousarray(self._buffers_in[:, offset:offset + n]))
+            raw = torch.from_numpy(np.ascontiguousarray(self._buffers_in[:, offset : offset + n]))
             copies = raw.view(dtype).view(len(raw), *shape)
-            flat[offset:offset + n].copy_(copies.mean(0).view(-1).view(torch.uint8))
+            flat[offset : offset + n].copy_(copies.mean(0).view(-1).view(torch.uint8))
 
     def _progress(self) -> None:
         """Non-blocking: advance through every stage that has completed."""
@@ -358,7 +460,7 @@ class WeightExchange(Exchange):
             self._advance()
 
     def finish(self) -> None:
-        """Block until the refresh in flight (if any) has arrived; it is still installed at its step."""
+        """Block until the refresh in flight (if any) has arrived; installed at its own step."""
         r = self._refresh
         while r is not None and r["stage"] != self._DONE:
             r["request"].Wait()
@@ -370,10 +472,14 @@ class WeightExchange(Exchange):
         self.wait_seconds += time.perf_counter() - start
         with torch.no_grad():
             for k, teacher in enumerate(self.teachers):
-                whole = np.ascontiguousarray(self._teachers_in[:, k, :]).reshape(-1)   # a view when M = 2
+                whole = np.ascontiguousarray(self._teachers_in[:, k, :]).reshape(
+                    -1
+                )  # a view when M = 2
                 state = teacher.state_dict(keep_vars=True)
                 for key, offset, n, dtype, shape in self.entries:
-                    state[key].copy_(torch.from_numpy(whole[offset:offset + n]).view(dtype).view(shape))
+                    state[key].copy_(
+                        torch.from_numpy(whole[offset : offset + n]).view(dtype).view(shape)
+                    )
         self.installed_from = self._refresh["taken_at"]
         self._refresh = None
 
@@ -381,7 +487,8 @@ class WeightExchange(Exchange):
         """A blocking refresh: take this model's weights now and install the peers' at once."""
         device = next(iter(self.model.state_dict().values())).device
         with self._timed(device):
-            self.finish()                # one in flight completes first (collectives stay in order), then is replaced
+            # one in flight completes first (collectives stay in order), then is replaced
+            self.finish()
             self._start(taken_at=step, install_at=step)
             self._install()
 
@@ -409,34 +516,48 @@ class WeightExchange(Exchange):
         r = self._refresh
         if r is None:
             return None
-        return {"taken_at": r["taken_at"], "install_at": r["install_at"],
-                "teachers": torch.from_numpy(self._teachers_in.copy())}
+        return {
+            "taken_at": r["taken_at"],
+            "install_at": r["install_at"],
+            "teachers": torch.from_numpy(self._teachers_in.copy()),
+        }
 
     def load_pending_state(self, state: dict | None) -> None:
         self._refresh = None
         if state is not None:
             self._teachers_in[...] = state["teachers"].numpy()
-            self._refresh = {"taken_at": state["taken_at"], "install_at": state["install_at"],
-                             "stage": self._DONE, "request": None}
+            self._refresh = {
+                "taken_at": state["taken_at"],
+                "install_at": state["install_at"],
+                "stage": self._DONE,
+                "request": None,
+            }
 
     def state_dict(self) -> dict:
         """This rank's counters. A refresh in flight completes first (its non-blocking peer_comm
         and group_comm collectives): every rank of the world calls this at the same step."""
         self.finish()
-        return {**super().state_dict(), "installed_from": self.installed_from, "wait_seconds": self.wait_seconds}
+        return {
+            **super().state_dict(),
+            "installed_from": self.installed_from,
+            "wait_seconds": self.wait_seconds,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.installed_from, self.wait_seconds = state.get("installed_from"), state.get("wait_seconds", 0.0)
+        self.installed_from, self.wait_seconds = state["installed_from"], state["wait_seconds"]
 
     def group_state_dict(self) -> dict:
         """The teachers and a refresh not yet installed: the same on every rank of the group."""
-        return {"teachers": [t.state_dict() for t in self.teachers], "pending_refresh": self.pending_state()}
+        return {
+            "teachers": [t.state_dict() for t in self.teachers],
+            "pending_refresh": self.pending_state(),
+        }
 
     def load_group_state_dict(self, state: dict) -> None:
         for teacher, teacher_state in zip(self.teachers, state["teachers"]):
             teacher.load_state_dict(teacher_state)
-        self.load_pending_state(state.get("pending_refresh"))
+        self.load_pending_state(state["pending_refresh"])
 
 
 def _finish_at_exit(ref) -> None:
@@ -447,19 +568,26 @@ def _finish_at_exit(ref) -> None:
         exchange.finish()
 
 
-def make_exchange(*, mode: str, n_models: int, alpha: float, every: int, peer, model_id: int,
-                  model: torch.nn.Module, batch_key: Callable[[int], tuple], traffic: Traffic | None = None,
-                  peers_by_link: dict | None = None, group=None, group_by_link: dict | None = None,
-                  burn_in_steps: int = 0, refresh_delay: int = 0, payload_dtype: str = "fp32",
-                  topk: int = 0) -> Exchange:
-    """The exchange for this run. Weights mode also needs `group` (group_comm, for the sharded
-    refresh), `group_by_link` (how many of this rank's group sit on its node and on others), and
-    the schedule: `burn_in_steps`, `refresh_delay` (config.py resolves their defaults)."""
+# mode name -> the exchange that implements it
+EXCHANGES = {cls.mode.name: cls for cls in (PredictionExchange, WeightExchange)}
+
+
+def build_exchange(
+    c,
+    *,
+    comms,
+    model: torch.nn.Module,
+    batch_key: Callable[[int], tuple],
+    traffic: Traffic | None = None,
+    peers_by_link: dict | None = None,
+    group_by_link: dict | None = None,
+) -> Exchange:
+    """The exchange for this run's `codistill.*` (c): none when M = 1 or alpha = 0, else the
+    mode's (comm/modes.py). `comms`: the rank's communicators; the *_by_link counts say how many
+    of this rank's peers and group sit on its node and on other nodes."""
     counting = {"traffic": traffic, "peers_by_link": peers_by_link}
-    if n_models == 1 or alpha == 0:
+    if comms.topology.n_models == 1 or c.alpha == 0:
         return NoExchange(**counting)
-    if mode == "predictions":
-        return PredictionExchange(peer, model_id, every, batch_key, payload_dtype=payload_dtype, topk=topk,
-                                  **counting)
-    return WeightExchange(peer, model_id, every, model, group=group, group_by_link=group_by_link,
-                          burn_in_steps=burn_in_steps, refresh_delay=refresh_delay, **counting)
+    return EXCHANGES[c.mode].from_config(
+        c, comms=comms, model=model, batch_key=batch_key, group_by_link=group_by_link, **counting
+    )

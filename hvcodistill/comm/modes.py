@@ -3,7 +3,7 @@ ask it rather than compare strings.
 
 A mode says what travels on peer_comm (and its bytes), when (cadence, burn-in, refresh delay),
 what it needs from the data order, and what it adds to a step (teacher forwards). The exchange
-that moves the bytes lives in comm/exchange.py; `Mode.exchange_class` names it. No torch here:
+that moves the bytes lives in comm/exchange.py and names the mode it implements. No torch here:
 the planner and config validation use these rules without building a model.
 """
 
@@ -85,7 +85,14 @@ class Mode:
     # ---- what it costs (the planner): bytes one rank sends its peers in one exchange
     @classmethod
     def payload_bytes(
-        cls, *, batch: int, classes: int, value_bytes: int, state_bytes: int, group_size: int, topk: int = 0
+        cls,
+        *,
+        batch: int,
+        classes: int,
+        value_bytes: int,
+        state_bytes: int,
+        group_size: int,
+        topk: int = 0,
     ) -> int:
         raise NotImplementedError
 
@@ -98,11 +105,6 @@ class Mode:
     def compute_factor(cls, n_models: int) -> float:
         """A step's compute with this mode relative to without (teacher forwards)."""
         return 1 + (n_models - 1) * TEACHER_FORWARD if cls.teacher_forwards else 1.0
-
-    # ---- the exchange that moves the bytes
-    @classmethod
-    def exchange_class(cls):
-        raise NotImplementedError
 
 
 @register
@@ -118,12 +120,6 @@ class Predictions(Mode):
         if topk and topk < classes:
             return batch * topk * (value_bytes + INDEX_BYTES) + CHECKSUM_BYTES
         return batch * classes * value_bytes + CHECKSUM_BYTES
-
-    @classmethod
-    def exchange_class(cls):
-        from hvcodistill.comm.exchange import PredictionExchange  # torch: only when a run builds one
-
-        return PredictionExchange
 
 
 @register
@@ -173,9 +169,3 @@ class Weights(Mode):
     @classmethod
     def group_bytes(cls, payload, n_models):
         return (n_models - 1) * payload
-
-    @classmethod
-    def exchange_class(cls):
-        from hvcodistill.comm.exchange import WeightExchange  # torch: only when a run builds one
-
-        return WeightExchange

@@ -1,6 +1,8 @@
 """Run-directory outputs: metrics.jsonl (world rank 0), TensorBoard events per model (group rank 0),
-summary.json. Ranks that write nothing get a writer that does nothing, not `if rank == 0` everywhere.
+summary.json. Ranks that write nothing get a writer that does nothing, not `if rank == 0`
+everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -9,8 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from mpi4py import MPI
 
+from hvcodistill.comm.traffic import COLLECTIVES, LINKS, Traffic
 from hvcodistill.files import write_atomic
+from hvcodistill.training.timing import Timer
 
 
 class NullWriter:
@@ -25,7 +31,7 @@ class NullWriter:
 
 
 class RunLogger:
-    """Per-model scalars to TensorBoard and, gathered over peer_comm, one metrics.jsonl for the run."""
+    """Per-model scalars to TensorBoard and, gathered over peer_comm, one metrics.jsonl."""
 
     def __init__(self, run_dir: Path, comms, *, enabled: bool = True):
         self.comms = comms
@@ -39,8 +45,11 @@ class RunLogger:
     def _open(self, purge_step: int | None) -> None:
         if self.enabled and self.is_group_root:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tb" / f"model_{self.comms.model_id}"),
-                                    purge_step=purge_step)
+
+            self.tb = SummaryWriter(
+                log_dir=str(self.run_dir / "tb" / f"model_{self.comms.model_id}"),
+                purge_step=purge_step,
+            )
         if self.enabled and self.is_world_root:
             self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
 
@@ -51,20 +60,30 @@ class RunLogger:
         if self.enabled and self.is_world_root:
             path = self.run_dir / "metrics.jsonl"
             if path.exists():
-                kept = [line for line in path.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] <= step]
+                kept = [
+                    line
+                    for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= step
+                ]
                 write_atomic(path, "".join(kept).encode())
-        self._open(purge_step=step + 1)      # TensorBoard hides its events past `step`
+        self._open(purge_step=step + 1)  # TensorBoard hides its events past `step`
 
     def log(self, step: int, kind: str, scalars: dict) -> list[dict]:
-        """Write this model's `scalars` (already averaged over its group); returns every model's rows
-        on world rank 0 (empty elsewhere). Called by every rank at the same steps."""
+        """Write this model's `scalars` (already averaged over its group); returns every model's
+        rows on world rank 0 (empty elsewhere). Called by every rank at the same steps."""
         _add_scalars(self.tb, kind, scalars, step)
         if not self.is_group_root:
             return []
         # peer_comm of group rank 0: one row per model travels to world rank 0 for metrics.jsonl.
-        rows = self.comms.peer.gather({"step": step, "kind": kind, "model": self.comms.model_id,
-                                       **{k: float(v) for k, v in scalars.items()}}, root=0)
+        rows = self.comms.peer.gather(
+            {
+                "step": step,
+                "kind": kind,
+                "model": self.comms.model_id,
+                **{k: float(v) for k, v in scalars.items()},
+            },
+            root=0,
+        )
         if self.jsonl is not None:
             for row in rows:
                 self.jsonl.write(json.dumps(row) + "\n")
@@ -83,17 +102,25 @@ class RunLogger:
 
 def _add_scalars(writer, kind: str, scalars: dict, step: int) -> None:
     """All of a log point's scalars as one TensorBoard event (`kind/name` tags), not one event
-    each: 22 scalars cost 75 us instead of 480 us, which a millisecond step notices."""
+    each: a TensorBoard event costs more than a millisecond step can spare per scalar."""
     if isinstance(writer, NullWriter):
         return
-    file_writer = getattr(writer, "_get_file_writer", None)     # what add_scalar itself writes to
+    file_writer = getattr(writer, "_get_file_writer", None)  # what add_scalar itself writes to
     if file_writer is None:
         for name, value in scalars.items():
             writer.add_scalar(f"{kind}/{name}", value, step)
         return
     from tensorboard.compat.proto.summary_pb2 import Summary
-    file_writer().add_summary(Summary(value=[Summary.Value(tag=f"{kind}/{name}", simple_value=float(value))
-                                             for name, value in scalars.items()]), step)
+
+    file_writer().add_summary(
+        Summary(
+            value=[
+                Summary.Value(tag=f"{kind}/{name}", simple_value=float(value))
+                for name, value in scalars.items()
+            ]
+        ),
+        step,
+    )
 
 
 def group_mean(comm, values: dict) -> dict:
@@ -101,7 +128,6 @@ def group_mean(comm, values: dict) -> dict:
     keys = sorted(values)
     buf = np.array([float(values[k]) for k in keys], dtype=np.float64)
     out = np.empty_like(buf)
-    from mpi4py import MPI
     comm.Allreduce(buf, out, op=MPI.SUM)
     return {k: v / comm.Get_size() for k, v in zip(keys, out.tolist())}
 
@@ -121,7 +147,10 @@ class Progress:
         self.t0 = time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True
+            )
 
     def update(self, step: int, info: dict | None = None, force_line: bool = False) -> None:
         if not self.enabled:
@@ -131,10 +160,70 @@ class Progress:
             if info:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
         elif force_line:
-            rate = (step - self.initial) / max(1e-9, time.perf_counter() - self.t0)   # this segment
+            rate = (step - self.initial) / max(1e-9, time.perf_counter() - self.t0)  # this segment
             text = " ".join(f"{k}={v:.4g}" for k, v in (info or {}).items())
-            print(f"step {step}/{self.total} ({rate:.1f} steps/s) {text}", file=sys.stderr, flush=True)
+            print(
+                f"step {step}/{self.total} ({rate:.1f} steps/s) {text}", file=sys.stderr, flush=True
+            )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class LogWindow:
+    """The steps since the last log point: their figures are summed on the device when logged,
+    so a step adds no device sync and no tensor op (the accuracy compares all the window's
+    predictions with their labels at once); timing and bytes are logged per window."""
+
+    FOLD = 1024  # a long window is summed every FOLD steps
+
+    def __init__(self, start: int, timer: Timer, traffic: Traffic, group_size: int):
+        self.start, self.parts, self.samples = start, [], 0
+        self.timer, self.traffic, self.group_size = timer, traffic, group_size
+        self.timer_before, self.traffic_before = timer.state_dict(), traffic.flat()
+
+    def add(self, parts: dict, samples: int) -> None:
+        self.parts.append(parts)
+        self.samples += samples
+        if len(self.parts) == self.FOLD:
+            self.parts = [self._sums()]
+
+    def _sums(self) -> dict:
+        """Totals on the device: a step brings its predictions and labels, a fold its `correct`."""
+        sums = {
+            k: torch.stack([p[k] for p in self.parts]).sum() for k in ("task_loss", "distill_loss")
+        }
+        counts = [p["correct"] for p in self.parts if "correct" in p]
+        steps = [p for p in self.parts if "predicted" in p]
+        if steps:
+            predicted = torch.cat([p["predicted"] for p in steps])
+            counts.append((predicted == torch.cat([p["labels"] for p in steps])).sum())
+        sums["correct"] = sum(counts[1:], counts[0])
+        return sums
+
+    def scalars(self, done: int) -> dict:
+        """This rank's means over the window: losses, accuracy, bytes by link, seconds per step by
+        part (Timer), and the window's exchange seconds."""
+        n, sums, now = done - self.start, self._sums(), self.timer.state_dict()
+        before = self.timer_before
+        per_step = {f"{k}_per_step": (now[k] - before[k]) / n for k in Timer.PARTS}
+        return {
+            "task_loss": float(sums["task_loss"]) / n,
+            "distill_loss": float(sums["distill_loss"]) / n,
+            "accuracy": float(sums["correct"]) / self.samples,
+            **window_bytes(self.traffic, self.traffic_before, n, self.group_size),
+            **per_step,
+            "step_s": (now["loop_s"] - before["loop_s"]) / n,
+            "exchange_s": now["exchange_s"] - before["exchange_s"],
+        }
+
+
+def window_bytes(traffic: Traffic, before: list, n_steps: int, group_size: int) -> dict:
+    """This rank's bytes per step since `before`, by collective and link, scaled by the group size
+    so that the group mean logged to TensorBoard is the whole model's bytes per step."""
+    names = [f"bytes_{c}_{link}" for c in COLLECTIVES for link in LINKS]
+    return {
+        name: (now - then) * group_size / n_steps
+        for name, now, then in zip(names, traffic.flat(), before)
+    }

@@ -5,21 +5,33 @@ broadcast could hide a difference) and differs between models; with dropout, the
 group draw different masks (the same model on the same input gives different outputs); after a
 few steps with dropout the group's parameters are still identical.
 """
-import argparse
+
 import sys
 
 import torch
+from common import batch, connect, fail, params_digest
 from mpi4py import MPI
 
-from common import batch, fail, params_digest
-from hvcodistill import train as T
-from hvcodistill.train import train_step
+from hvcodistill.config import load_config
+from hvcodistill.training.loop import train_step
+from hvcodistill.training.setup import prepare
 
 world = MPI.COMM_WORLD
-args = argparse.Namespace(config=None, overrides=[
-    "data.name=digits", "model.name=mlp", "model.hidden=[64]", "model.dropout=0.5", "train.steps=4",
-    "train.batch_size=8", "train.progress=false", *sys.argv[1:]])
-cfg, topo, data, plan, model = T.agree(world, lambda: T.prepare(args, world.Get_size(), world.Get_rank()))
+cfg = load_config(
+    None,
+    [
+        "data.name=digits",
+        "model.name=mlp",
+        "model.hidden=[64]",
+        "model.dropout=0.5",
+        "train.steps=4",
+        "train.batch_size=8",
+        "train.progress=false",
+        *sys.argv[1:],
+    ],
+)
+prepared = prepare(cfg, world.Get_size(), world.Get_rank())
+topo, data, model = prepared.topo, prepared.data, prepared.model
 me = world.Get_rank()
 inits = world.allgather((topo.model_id(me), params_digest(model)))
 for r, (m, digest) in enumerate(inits):
@@ -28,10 +40,12 @@ for r, (m, digest) in enumerate(inits):
 if len({d for _, d in inits}) != topo.n_models:
     fail("models start from the same weights")
 
-tr = T.connect(cfg, topo, data, plan, model, world)
+tr = connect(cfg, prepared)
 tr.model.train()
 with torch.no_grad():
-    probe = tr.model(torch.ones(16, *data.input_shape, device=tr.device))      # same input, same weights
+    probe = tr.model(
+        torch.ones(16, *data.input_shape, device=tr.device)
+    )  # same input, same weights
 outs = tr.comms.group.allgather(probe.cpu())
 if any(torch.equal(outs[0], o) for o in outs[1:]):
     fail("ranks of one group drew identical dropout masks")

@@ -9,17 +9,17 @@ weights:     right after a (blocking) refresh every teacher copy equals its peer
              parameters, and its buffers averaged over the peer's group (the teacher is the same on
              every rank of a group; the student's own buffers are untouched).
 """
+
 import hashlib
 import sys
 
 import torch
+from common import batch, fail, make_trainer
 from mpi4py import MPI
 
-from common import batch, fail, make_trainer
 from hvcodistill.comm.exchange import BatchMismatchError
 from hvcodistill.models import build_model
-from hvcodistill.train import train_step
-
+from hvcodistill.training.loop import train_step
 
 
 def state_digest(module):
@@ -31,12 +31,21 @@ def state_digest(module):
 
 what = sys.argv[1]
 mode = "weights" if what == "weights" else "predictions"
-tr = make_trainer(["data.name=digits", "model.name=cnn", f"codistill.mode={mode}", "codistill.every=4",
-                   "train.steps=40", "train.batch_size=16", "optim.lr=0.05",
-                   *sys.argv[2:]])
+tr = make_trainer(
+    [
+        "data.name=digits",
+        "model.name=cnn",
+        f"codistill.mode={mode}",
+        "codistill.every=4",
+        "train.steps=40",
+        "train.batch_size=16",
+        "optim.lr=0.05",
+        *sys.argv[2:],
+    ]
+)
 c, cfg = tr.comms, tr.cfg
 M = c.topology.n_models
-for step in range(6):          # train a little so models have moved away from their inits
+for step in range(6):  # train a little so models have moved away from their inits
     train_step(tr, step, *batch(tr, step))
 
 if what == "predictions":
@@ -55,7 +64,7 @@ if what == "predictions":
     for j, got in zip(peers, received):
         ref = build_model("cnn", input_shape=tr.data.input_shape, num_classes=tr.data.num_classes)
         ref.load_state_dict(states[j * G + c.group_rank])
-        ref.train()                # same mode as the student's forward (BatchNorm batch statistics)
+        ref.train()  # same mode as the student's forward (BatchNorm batch statistics)
         with torch.no_grad():
             want = ref(x)
         if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
@@ -69,7 +78,7 @@ elif what == "mismatch":
     # last model's group rank 0 reads data that differ from its peers' in one input value (by one
     # ulp), then in one label, of the batch they share; every rank of that peer_comm must stop,
     # and no other rank.
-    step = 8                       # an exchange step (every=4)
+    step = 8  # an exchange step (every=4)
     odd = c.model_id == M - 1 and c.group_rank == 0
     sample = int(tr.plan.key(step)[1][3])
     data = tr.data.train
@@ -105,7 +114,7 @@ elif what == "mismatch":
 
 else:
     own_before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-    tr.exchange.exchange()          # a refresh from step 4 is in flight here: it completes first
+    tr.exchange.exchange()  # a refresh from step 4 is in flight here: it completes first
     own = tr.model.state_dict()
     if any(not torch.equal(own[k], own_before[k]) for k in own):
         fail("the refresh changed the student's own parameters or buffers")
@@ -121,9 +130,13 @@ else:
     for j, teacher in zip(peers, tr.exchange.teachers):
         group = [states[j * G + g] for g in range(G)]
         for name, value in teacher.state_dict().items():
-            want = torch.stack([s[name] for s in group]).mean(0) if name in buffers else group[0][name]
+            want = (
+                torch.stack([s[name] for s in group]).mean(0) if name in buffers else group[0][name]
+            )
             if not torch.equal(value, want):
-                fail(f"teacher {j}: {name} differs from the peer's (buffers: the peer group's mean)")
+                fail(
+                    f"teacher {j}: {name} differs from the peer's (buffers: the peer group's mean)"
+                )
         if teacher.training:
             fail("teacher copy is not in eval mode")
     teacher_digests = c.group.allgather([state_digest(t) for t in tr.exchange.teachers])

@@ -1,17 +1,29 @@
 """After every optimiser step: parameters identical inside a group, different across groups,
 and no gradient ever on a teacher. argv: mode n_steps"""
+
 import sys
 
+from common import batch, fail, make_trainer, params_digest
 from mpi4py import MPI
 
-from common import batch, fail, make_trainer, params_digest
-from hvcodistill.train import train_step
+from hvcodistill.training.loop import train_step
 
 mode, n_steps = sys.argv[1], int(sys.argv[2])
-tr = make_trainer(["data.name=digits", "model.name=cnn", f"codistill.mode={mode}", "codistill.every=3",
-                   "codistill.alpha=1.0", "codistill.burn_in_steps=2", "train.steps=50",
-                   f"data.order={'disjoint' if mode == 'weights' else 'shared'}",
-                   "train.batch_size=16", "optim.lr=0.05", *sys.argv[3:]])
+tr = make_trainer(
+    [
+        "data.name=digits",
+        "model.name=cnn",
+        f"codistill.mode={mode}",
+        "codistill.every=3",
+        "codistill.alpha=1.0",
+        "codistill.burn_in_steps=2",
+        "train.steps=50",
+        f"data.order={'disjoint' if mode == 'weights' else 'shared'}",
+        "train.batch_size=16",
+        "optim.lr=0.05",
+        *sys.argv[3:],
+    ]
+)
 c = tr.comms
 for step in range(n_steps):
     x, y = batch(tr, step)
@@ -29,5 +41,8 @@ for step in range(n_steps):
         fail("no exchange happened")
 MPI.COMM_WORLD.Barrier()
 if c.world_rank == 0:
-    print(f"invariants ok: {mode}, W={c.topology.world_size} M={c.topology.n_models}, {n_steps} steps, "
-          f"{tr.exchange.count} exchanges")
+    print(
+        f"invariants ok: {mode}, W={c.topology.world_size} M={c.topology.n_models}, "
+        f"{n_steps} steps, "
+        f"{tr.exchange.count} exchanges"
+    )

@@ -6,23 +6,34 @@ distillation loss against them is within 1e-2 relative of the loss against the e
 logits, and the bytes received and counted as traffic are (M-1) x (B x C x dtype size + 8).
 Then the trainer with codistill.payload_dtype=trainer_dtype counts those bytes on every step.
 """
+
 import sys
 
 import torch
-
 from common import batch, fail, make_trainer
+from mpi4py import MPI
+
 from hvcodistill.comm.exchange import PAYLOAD_DTYPES, PredictionExchange
 from hvcodistill.comm.traffic import Traffic
-from hvcodistill.train import train_step
-from hvcodistill.training.losses import distillation_distance
-from mpi4py import MPI
+from hvcodistill.losses import distillation_distance
+from hvcodistill.training.loop import train_step
 
 SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 trainer_dtype = sys.argv[1]
 B, STEPS = 16, 5
-tr = make_trainer(["data.name=digits", "model.name=mlp", "codistill.mode=predictions", "codistill.every=1",
-                   "codistill.burn_in_steps=0", f"codistill.payload_dtype={trainer_dtype}", "train.steps=10",
-                   f"train.batch_size={B}", *sys.argv[2:]])
+tr = make_trainer(
+    [
+        "data.name=digits",
+        "model.name=mlp",
+        "codistill.mode=predictions",
+        "codistill.every=1",
+        "codistill.burn_in_steps=0",
+        f"codistill.payload_dtype={trainer_dtype}",
+        "train.steps=10",
+        f"train.batch_size={B}",
+        *sys.argv[2:],
+    ]
+)
 c, M = tr.comms, tr.comms.topology.n_models
 C = tr.data.num_classes
 peers = [j for j in range(M) if j != c.model_id]
@@ -35,32 +46,50 @@ def model_logits(m):
 
 for dtype in PAYLOAD_DTYPES:
     traffic = Traffic()
-    ex = PredictionExchange(c.peer, c.model_id, every=1, batch_key=tr.plan.key, payload_dtype=dtype,
-                            traffic=traffic, peers_by_link=tr.exchange.peers_by_link)
+    ex = PredictionExchange(
+        c.peer,
+        c.model_id,
+        every=1,
+        batch_key=tr.plan.key,
+        payload_dtype=dtype,
+        traffic=traffic,
+        peers_by_link=tr.exchange.peers_by_link,
+    )
     own = model_logits(c.model_id)
     got = ex.teacher_logits(step=0, x=None, logits=own, alpha=1.0)
     if len(got) != M - 1:
         fail(f"{dtype}: expected {M - 1} teachers, got {len(got)}")
     for j, teacher in zip(peers, got):
         exact = model_logits(j)
-        if teacher.dtype != torch.float32 or not torch.equal(teacher, exact.to(PAYLOAD_DTYPES[dtype]).float()):
-            fail(f"{dtype}: logits from model {j} are not its fp32 logits rounded to {dtype}: "
-                 f"max diff {(teacher - exact.to(PAYLOAD_DTYPES[dtype]).float()).abs().max()}")
+        if teacher.dtype != torch.float32 or not torch.equal(
+            teacher, exact.to(PAYLOAD_DTYPES[dtype]).float()
+        ):
+            fail(
+                f"{dtype}: logits from model {j} are not its fp32 logits rounded to {dtype}: "
+                f"max diff {(teacher - exact.to(PAYLOAD_DTYPES[dtype]).float()).abs().max()}"
+            )
         want = distillation_distance(own, exact, distance="kl", temperature=1.0).item()
         have = distillation_distance(own, teacher, distance="kl", temperature=1.0).item()
         if abs(have - want) > 1e-2 * abs(want):
             fail(f"{dtype}: distillation loss {have} vs {want} with fp32 logits")
     per_peer = B * C * SIZES[dtype] + 8
-    if ex.bytes_received != (M - 1) * per_peer or sum(traffic.bytes["exchange"].values()) != (M - 1) * per_peer:
-        fail(f"{dtype}: received {ex.bytes_received} B, traffic {traffic.bytes['exchange']}, "
-             f"expected {(M - 1) * per_peer} B")
+    if (
+        ex.bytes_received != (M - 1) * per_peer
+        or sum(traffic.bytes["exchange"].values()) != (M - 1) * per_peer
+    ):
+        fail(
+            f"{dtype}: received {ex.bytes_received} B, traffic {traffic.bytes['exchange']}, "
+            f"expected {(M - 1) * per_peer} B"
+        )
 
 for step in range(STEPS):
     train_step(tr, step, *batch(tr, step))
 want = STEPS * (M - 1) * (B * C * SIZES[trainer_dtype] + 8)
 if tr.exchange.bytes_received != want or tr.exchange.count != STEPS or not tr.exchange.seconds > 0:
-    fail(f"trainer with {trainer_dtype}: received {tr.exchange.bytes_received} B in {tr.exchange.count} "
-         f"exchanges ({tr.exchange.seconds} s), expected {want} B in {STEPS}")
+    fail(
+        f"trainer with {trainer_dtype}: received {tr.exchange.bytes_received} B in "
+        f"{tr.exchange.count} exchanges ({tr.exchange.seconds} s), expected {want} B in {STEPS}"
+    )
 
 MPI.COMM_WORLD.Barrier()
 if c.world_rank == 0:

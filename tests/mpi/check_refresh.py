@@ -9,32 +9,49 @@
 The reference is every rank's state gathered over COMM_WORLD around each step, independently of
 the exchange.
 """
+
 import sys
 
 import torch
+from common import batch, fail, make_trainer, params_digest
 from mpi4py import MPI
 
-from common import batch, fail, make_trainer, params_digest
-from hvcodistill.train import train_step
+from hvcodistill.training.loop import train_step
 
 n_steps = int(sys.argv[1])
-tr = make_trainer(["data.name=digits", "model.name=cnn", "codistill.mode=weights", "codistill.every=4",
-                   "codistill.burn_in_steps=6", "codistill.refresh_delay=2", "codistill.alpha=1.0",
-                   "data.order=disjoint", "train.steps=100", "train.batch_size=16", "optim.lr=0.05", *sys.argv[2:]])
+tr = make_trainer(
+    [
+        "data.name=digits",
+        "model.name=cnn",
+        "codistill.mode=weights",
+        "codistill.every=4",
+        "codistill.burn_in_steps=6",
+        "codistill.refresh_delay=2",
+        "codistill.alpha=1.0",
+        "data.order=disjoint",
+        "train.steps=100",
+        "train.batch_size=16",
+        "optim.lr=0.05",
+        *sys.argv[2:],
+    ]
+)
 c, ex, world = tr.comms, tr.exchange, MPI.COMM_WORLD
 k, burn, d = tr.cfg.codistill.every, tr.cfg.codistill.burn_in_steps, tr.cfg.codistill.refresh_delay
 M, G = c.topology.n_models, c.topology.group_size
 params = {n for n, _ in tr.model.named_parameters()}
 floats = {n for n, b in tr.model.named_buffers() if b.is_floating_point()}
 
-seen = {}            # step -> (number of teacher logits returned, the teachers' state, installed_from)
+seen = {}  # step -> (number of teacher logits returned, the teachers' state, installed_from)
 original = ex.teacher_logits
 
 
 def recording(**kw):
     out = original(**kw)
-    seen[kw["step"]] = (len(out), [{n: v.clone() for n, v in t.state_dict().items()} for t in ex.teachers],
-                        ex.installed_from)
+    seen[kw["step"]] = (
+        len(out),
+        [{n: v.clone() for n, v in t.state_dict().items()} for t in ex.teachers],
+        ex.installed_from,
+    )
     return out
 
 
@@ -97,5 +114,8 @@ if any(x != digests[0] for x in digests):
 ex.finish()
 world.Barrier()
 if c.world_rank == 0:
-    print(f"refresh ok: W={c.topology.world_size} M={M} k={k} burn_in={burn} delay={d}: first distillation at "
-          f"step {first[0]} from teachers taken at step {first[1]}; {ex.count} refreshes")
+    print(
+        f"refresh ok: W={c.topology.world_size} M={M} k={k} burn_in={burn} delay={d}: "
+        f"first distillation at step {first[0]} from teachers taken at step {first[1]}; "
+        f"{ex.count} refreshes"
+    )

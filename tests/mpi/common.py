@@ -1,5 +1,5 @@
 """Helpers for the scripts that tests run under mpirun: build the real trainer from overrides."""
-import argparse
+
 import atexit
 import hashlib
 import shutil
@@ -8,7 +8,10 @@ import tempfile
 
 from mpi4py import MPI
 
-from hvcodistill import train as T
+from hvcodistill.comm.dataplane import make_data_plane
+from hvcodistill.comm.topology import split_communicators
+from hvcodistill.config import load_config
+from hvcodistill.training.setup import build_trainer, pick_device, prepare
 
 
 def private_run_dir(world) -> str:
@@ -22,10 +25,20 @@ def private_run_dir(world) -> str:
 
 def make_trainer(overrides, config=None):
     world = MPI.COMM_WORLD
-    overrides = [o for o in overrides if not o.startswith("run.dir=")] + [f"run.dir={private_run_dir(world)}"]
-    args = argparse.Namespace(config=config, overrides=overrides + ["train.progress=false"])
-    cfg, topo, data, plan, model = T.agree(world, lambda: T.prepare(args, world.Get_size(), world.Get_rank()))
-    return T.connect(cfg, topo, data, plan, model, world)
+    overrides = [o for o in overrides if not o.startswith("run.dir=")] + [
+        f"run.dir={private_run_dir(world)}"
+    ]
+    cfg = load_config(config, overrides + ["train.progress=false"])
+    return connect(cfg, prepare(cfg, world.Get_size(), world.Get_rank()))
+
+
+def connect(cfg, prepared):
+    """The trainer around a prepared model: the split, the data plane, no run.dir checks."""
+    comms = split_communicators(MPI.COMM_WORLD, cfg.codistill.n_models)
+    device = pick_device(cfg, comms)
+    return build_trainer(
+        cfg, comms, make_data_plane("horovod", comms.group, device.type), device, prepared
+    )
 
 
 def batch(tr, step):

@@ -3,6 +3,7 @@
 loss_i = CE(f_i(x), y) + alpha * 1/(M-1) * sum_{j != i} D(f_i(x), f_j(x)), with every teacher
 f_j(x) detached: no gradient ever reaches a peer's predictions or a teacher copy.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -13,12 +14,13 @@ import torch.nn.functional as F
 DISTANCES = ("kl", "ce", "mse")
 
 
-def distillation_distance(student: torch.Tensor, teacher: torch.Tensor, *, distance: str,
-                          temperature: float = 1.0) -> torch.Tensor:
+def distillation_distance(
+    student: torch.Tensor, teacher: torch.Tensor, *, distance: str, temperature: float = 1.0
+) -> torch.Tensor:
     """Batch-mean D(student, teacher) on logits (N, C); the teacher is treated as a constant.
     Sequence logits (B, T, V) are per-token predictions: the mean is over all B x T tokens.
 
-    kl:  T^2 * KL(softmax(t/T) || softmax(s/T)), the T^2 keeps gradient size independent of T (Hinton).
+    kl:  T^2 * KL(softmax(t/T) || softmax(s/T)); T^2 keeps the gradient's size independent of T.
     ce:  T^2 * cross-entropy of softmax(s/T) against the soft targets softmax(t/T).
     mse: mean squared difference of the logits (per element).
     """
@@ -37,9 +39,15 @@ def distillation_distance(student: torch.Tensor, teacher: torch.Tensor, *, dista
     return per_sample.mean() * t * t
 
 
-def codistillation_loss(*, logits: torch.Tensor, targets: torch.Tensor,
-                        teacher_logits: Sequence[torch.Tensor], alpha: float, distance: str,
-                        temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+def codistillation_loss(
+    *,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: Sequence[torch.Tensor],
+    alpha: float,
+    distance: str,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
     """Task cross-entropy plus alpha times the mean distance to the teachers.
 
     Returns the loss to back-propagate and the detached parts worth logging. For a language model
@@ -52,8 +60,10 @@ def codistillation_loss(*, logits: torch.Tensor, targets: torch.Tensor,
         distill = torch.zeros((), dtype=task.dtype, device=task.device)
         loss = task
     else:
-        distill = sum(distillation_distance(logits, t, distance=distance, temperature=temperature)
-                      for t in teacher_logits) / len(teacher_logits)
+        distill = sum(
+            distillation_distance(logits, t, distance=distance, temperature=temperature)
+            for t in teacher_logits
+        ) / len(teacher_logits)
         loss = task + alpha * distill
     return loss, {"task_loss": task.detach(), "distill_loss": distill.detach()}
 

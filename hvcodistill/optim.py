@@ -1,23 +1,27 @@
-"""Learning-rate and weight-decay schedules, and the one cadence predicate.
+"""Optimizers by name (optim.name), and their learning-rate and weight-decay schedules.
 
-All are pure functions of the step (updates done so far), so a resumed run recomputes them.
+Schedules are pure functions of the step (updates done so far), so a resumed run recomputes
+them. Config validation reads the names registered here.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 
-def itstime(step: int, every: int, *, total_steps: int | None = None, first: bool = True,
-            last: bool = False) -> bool:
-    """The one cadence predicate for log, exchange, eval and checkpoint.
+LR_SCHEDULES = ("step", "cosine", "constant")  # optim.lr_schedule: LRSchedule.kind
+UNITS = ("epochs", "steps")  # optim.unit: what to_steps takes
 
-    True when `every` > 0 divides `step` (step 0 only if `first`), or at `total_steps` if `last`.
-    """
-    if every and every > 0 and step % every == 0 and (first or step > 0):
-        return True
-    return bool(last and total_steps is not None and step == total_steps)
+# optim.name -> how the optimizer is built from the model's parameters and the config's optim.*
+OPTIMIZERS = {
+    "sgd": lambda params, o, lr: torch.optim.SGD(
+        params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    ),
+    "adamw": lambda params, o, lr: torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay),
+}
 
 
 def goyal_lr(per_model_batch: int) -> float:
@@ -28,11 +32,12 @@ def goyal_lr(per_model_batch: int) -> float:
 @dataclass(frozen=True)
 class LRSchedule:
     """Linear warm-up from ~0 to base_lr, then step decay, cosine to 0, or constant."""
+
     base_lr: float
     total_steps: int
     warmup_steps: int = 0
-    kind: str = "step"                       # step | cosine | constant
-    milestones: Sequence[int] = ()           # steps at which lr *= gamma (kind == step)
+    kind: str = "step"  # step | cosine | constant
+    milestones: Sequence[int] = ()  # steps at which lr *= gamma (kind == step)
     gamma: float = 0.1
 
     def __call__(self, step: int) -> float:
@@ -50,6 +55,7 @@ class LRSchedule:
 @dataclass(frozen=True)
 class WDSchedule:
     """Weight decay that drops to values[i] at milestones[i] (the paper: 1e-4 -> 1e-5 -> 0)."""
+
     initial: float
     milestones: Sequence[int] = ()
     values: Sequence[float] = ()
@@ -67,14 +73,23 @@ def to_steps(value: float, *, unit: str, steps_per_epoch: int) -> int:
     return int(round(value * steps_per_epoch)) if unit == "epochs" else int(value)
 
 
-def build_schedules(optim, *, per_model_batch: int, steps_per_epoch: int,
-                    total_steps: int) -> tuple[LRSchedule, WDSchedule]:
+def build_schedules(
+    optim, *, per_model_batch: int, steps_per_epoch: int, total_steps: int
+) -> tuple[LRSchedule, WDSchedule]:
     """The LR and weight-decay schedules that the `optim.*` config keys describe, in steps."""
     steps = lambda v: to_steps(v, unit=optim.unit, steps_per_epoch=steps_per_epoch)  # noqa: E731
     base_lr = optim.lr if optim.lr is not None else goyal_lr(per_model_batch)
-    lr = LRSchedule(base_lr=base_lr, total_steps=total_steps, warmup_steps=steps(optim.warmup),
-                    kind=optim.lr_schedule, milestones=tuple(steps(m) for m in optim.lr_milestones),
-                    gamma=optim.lr_gamma)
-    wd = WDSchedule(initial=optim.weight_decay, milestones=tuple(steps(m) for m in optim.wd_milestones),
-                    values=tuple(float(v) for v in optim.wd_values))
+    lr = LRSchedule(
+        base_lr=base_lr,
+        total_steps=total_steps,
+        warmup_steps=steps(optim.warmup),
+        kind=optim.lr_schedule,
+        milestones=tuple(steps(m) for m in optim.lr_milestones),
+        gamma=optim.lr_gamma,
+    )
+    wd = WDSchedule(
+        initial=optim.weight_decay,
+        milestones=tuple(steps(m) for m in optim.wd_milestones),
+        values=tuple(float(v) for v in optim.wd_values),
+    )
     return lr, wd
