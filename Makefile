@@ -1,9 +1,10 @@
 # hvcodistill: `make demo` and `make test` set everything up on first use (scripts/setup.sh).
 PY      := .venv/bin/python
+RUFF    := .venv/bin/ruff
 READY   := .venv/.hvcodistill-ready
 NP      ?= 4
 
-.PHONY: setup demo test test-unit bench study lint clean
+.PHONY: setup demo test test-unit bench study lint docs clean
 
 setup:
 	bash scripts/setup.sh
@@ -22,6 +23,11 @@ test: $(READY)
 test-unit: $(READY)
 	$(PY) -m pytest -q -m "not mpi and not slurm"
 
+# ruff's settings are in pyproject.toml (line length 100; rules E F W I).
+lint: $(READY)
+	$(RUFF) check hvcodistill tests
+	$(RUFF) format --check hvcodistill tests
+
 bench: $(READY)
 	$(PY) -m hvcodistill.bench -np $(NP)
 
@@ -30,6 +36,11 @@ STUDY   ?= studies/paper_miniature.yaml
 study: $(READY)
 	$(PY) -m hvcodistill.sweep $(STUDY); status=$$?; \
 	$(PY) -m hvcodistill.report runs/studies/$(basename $(notdir $(STUDY))) && exit $$status
+
+# The configuration reference, docs/configuration.md, from hvcodistill/config.py (tests/test_docs.py
+# checks that it is current).
+docs: $(READY)
+	$(PY) scripts/config_reference.py
 
 clean:
 	rm -rf runs .pytest_cache
