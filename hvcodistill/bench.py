@@ -142,6 +142,7 @@ def measure(
         name: {
             **sorted(rs, key=lambda s: s["timing"]["step_s"])[len(rs) // 2],
             "round_step_s": [s["timing"]["step_s"] for s in rs],
+            "round_cpu_step_s": [s["timing"].get("cpu_step_s") for s in rs],
         }
         for name, rs in runs.items()
     }
@@ -229,6 +230,9 @@ def rows_for(measured: dict, rate: str, predictions: dict | None = None) -> list
                 "inter_node_MB_per_step": per["inter_node"] / 1e6,
                 "predicted_step_ms": (predictions or {}).get(v.name),
                 "round_step_ms": [x * 1e3 for x in s.get("round_step_s", [step])],
+                "round_cpu_step_ms": [
+                    x * 1e3 for x in s.get("round_cpu_step_s", []) if x is not None
+                ],
                 "nodes": s.get("nodes", {}).get("count", 1),
                 "world_size": t["world_size"],
             }
@@ -262,7 +266,8 @@ def crossovers(rows: list[dict], rates: list[str]) -> list[str]:
         if (rate, REFERENCE.name) in by:
             out.append(
                 f"all-reduce (M=1) / plain Horovod loop: {reference_ratio(rows, rate)} "
-                "the reference's speed (1.00 = no overhead)"
+                "the reference's speed (1.00 = no overhead); CPU time per step, plain loop's / "
+                f"all-reduce's: {reference_cpu_ratio(rows, rate)}"
             )
     for v in VARIANTS[1:]:
         faster = [rate for rate in rates if by[(rate, v.name)] < by[(rate, VARIANTS[0].name)]]
@@ -281,7 +286,20 @@ def reference_ratio(rows: list[dict], rate: str) -> str:
     after the other in each round), the median of those ratios and their range; a single pair
     where there was one round."""
     by = {r["variant"]: r["round_step_ms"] for r in rows if r["rate"] == rate}
-    ratios = sorted(p / o for p, o in zip(by[REFERENCE.name], by[VARIANTS[0].name], strict=True))
+    return _paired(by[REFERENCE.name], by[VARIANTS[0].name])
+
+
+def reference_cpu_ratio(rows: list[dict], rate: str) -> str:
+    """The same pairing for CPU time per step (process time, all threads), which a loaded
+    machine inflates less than wall time: the plain loop's over the all-reduce run's."""
+    by = {r["variant"]: r.get("round_cpu_step_ms") for r in rows if r["rate"] == rate}
+    if not by.get(REFERENCE.name) or not by.get(VARIANTS[0].name):
+        return "-"
+    return _paired(by[REFERENCE.name], by[VARIANTS[0].name])
+
+
+def _paired(plain: list, ours: list) -> str:
+    ratios = sorted(p / o for p, o in zip(plain, ours, strict=True))
     if len(ratios) == 1:
         return f"{ratios[0]:.3f}x"
     return (

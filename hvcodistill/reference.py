@@ -11,8 +11,9 @@ batch, optimiser and LR/weight-decay schedules, built by the same builders as tr
 Nothing else: no codistillation, no checkpoints, no logging, no evaluation,
 no preemption handling. Its loop is timed as the trainer's is (first batch requested to last update
 done), and world rank 0 writes run.dir/summary.json: {"steps", "topology", "timing": {"loop_s",
-"step_s"}} (mean per rank). `hvcodistill.train` with codistill.n_models=1 should cost the same per
-step (README, "Measuring the cost").
+"step_s", "cpu_s", "cpu_step_s"}} (mean per rank; cpu: the process's CPU time over the loop).
+`hvcodistill.train` with codistill.n_models=1 should cost the same per step
+(docs/across-nodes.md, `make bench`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     plane.broadcast_initial(model)
     loader = make_loader(data.train, plan.keys(0, total), workers=cfg.data.workers, device=device)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step, (x, y) in enumerate(loader):
         for group in opt.param_groups:
             group["lr"], group["weight_decay"] = lr(step), wd(step)
@@ -87,9 +88,10 @@ def main(argv=None) -> int:
         opt.step()  # DistributedOptimizer: waits for the averaged gradients, then steps
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    loop_s = time.perf_counter() - start
+    loop_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
 
-    loop_s = world.allreduce(loop_s) / size  # COMM_WORLD: the mean over ranks
+    loop_s = world.allreduce(loop_s) / size  # COMM_WORLD: the means over ranks
+    cpu_s = world.allreduce(cpu_s) / size
     if rank == 0:
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,12 @@ def main(argv=None) -> int:
             "program": "hvcodistill.reference",
             "steps": total,
             "topology": {"world_size": size, "n_models": 1, "group_size": size},
-            "timing": {"loop_s": loop_s, "step_s": loop_s / total},
+            "timing": {
+                "loop_s": loop_s,
+                "step_s": loop_s / total,
+                "cpu_s": cpu_s,
+                "cpu_step_s": cpu_s / total,
+            },
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(

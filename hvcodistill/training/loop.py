@@ -103,6 +103,7 @@ def train(tr: Trainer, guard) -> None:
     # COMM_WORLD: nothing non-finite is saved at the end
     stop_if_non_finite(tr.finite, tr.comms, tr.run_dir, total)
     timer.lap("data_s")  # the loader's last call, which ended the loop
+    timer.stop()
     timer.wall_s = timer.wall_seconds()
 
 

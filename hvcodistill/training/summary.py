@@ -33,7 +33,7 @@ def summarize(
     there; None elsewhere)."""
     world, topo = comms.world, comms.topology
     # COMM_WORLD: mean time per rank and total bytes received over peer_comm.
-    names = (*Timer.PARTS, "loop_s")
+    names = (*Timer.PARTS, "loop_s", "cpu_s")
     local = np.array(
         [
             *(getattr(timer, k) for k in names),
@@ -75,7 +75,11 @@ def summarize(
         # a language model: the ensemble's next-token loss and perplexity
         **{k: final[k] for k in ("ensemble_val_loss", "ensemble_val_perplexity") if k in final},
         # mean per rank; the parts add up to loop_s
-        "timing": {**timing, "step_s": timing["loop_s"] / max(1, steps)},
+        "timing": {
+            **timing,
+            "step_s": timing["loop_s"] / max(1, steps),
+            "cpu_step_s": timing["cpu_s"] / max(1, steps),
+        },
         "exchanged_bytes": int(total[n]),
         "exchanges": int(total[n + 1] / topo.world_size),
         # where the bytes went: all ranks' sends, per step and in all, by collective and link

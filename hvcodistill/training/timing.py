@@ -21,6 +21,7 @@ class Timer:
     data_s: float = 0.0  # waiting for the next batch from the loader, and its copy to the device
     other_s: float = 0.0  # the rest: schedules, metrics and logging, preemption checks
     loop_s: float = 0.0  # the training loop, first batch requested to last update done
+    cpu_s: float = 0.0  # this process's CPU time over the loop (all its threads)
     wall_s: float = 0.0  # the whole run's wall time up to the last checkpoint, all segments
     started: float = field(default_factory=time.perf_counter)  # this segment's start
     wall_before: float = 0.0  # earlier segments' wall time (a resumed run)
@@ -34,12 +35,21 @@ class Timer:
         "data_s",
         "other_s",
     )
-    KEPT = (*PARTS, "loop_s", "wall_s")
+    KEPT = (*PARTS, "loop_s", "cpu_s", "wall_s")
 
     def start(self, exchange) -> None:
         """Laps count from now; `exchange.seconds` is the exchange's running time."""
         self._exchange = exchange
         self._mark, self._waits = time.perf_counter(), (self.allreduce_s, exchange.seconds)
+        self._cpu_mark = time.process_time()
+
+    def stop(self) -> None:
+        """The loop is over: its CPU time is added (read at the start and the end, not per lap)."""
+        self.cpu_s, self._cpu_mark = self.cpu_seconds(), None
+
+    def cpu_seconds(self) -> float:
+        mark = getattr(self, "_cpu_mark", None)
+        return self.cpu_s + (time.process_time() - mark if mark is not None else 0.0)
 
     def lap(self, part: str) -> None:
         """The time since the last lap goes to `part`, less the waits timed inside it."""
@@ -58,7 +68,7 @@ class Timer:
         return time.perf_counter() - self.started
 
     def state_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.KEPT}
+        return {**{name: getattr(self, name) for name in self.KEPT}, "cpu_s": self.cpu_seconds()}
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.KEPT:
