@@ -4,7 +4,7 @@ RUFF    := .venv/bin/ruff
 READY   := .venv/.hvcodistill-ready
 NP      ?= 4
 
-.PHONY: setup demo test test-unit bench study lint docs clean
+.PHONY: setup demo test test-unit test-mpi bench study lint docs clean
 
 setup:
 	bash scripts/setup.sh
@@ -17,11 +17,16 @@ $(READY): scripts/setup.sh pyproject.toml
 demo: $(READY)
 	$(PY) -m hvcodistill.demo
 
+# Markers (pyproject.toml): unit (tests/unit, in-process), mpi (real ranks), slurm, cluster (root).
 test: $(READY)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-unit: $(READY)
-	$(PY) -m pytest -q -m "not mpi and not slurm"
+	$(PY) -m pytest -q -m unit
+
+# the quick subset with real ranks: no SLURM, no emulated cluster
+test-mpi: $(READY)
+	$(PY) -m pytest -q -m "mpi and not slurm and not cluster"
 
 # ruff's settings are in pyproject.toml (line length 100; rules E F W I).
 lint: $(READY)
@@ -37,8 +42,8 @@ study: $(READY)
 	$(PY) -m hvcodistill.sweep $(STUDY); status=$$?; \
 	$(PY) -m hvcodistill.report runs/studies/$(basename $(notdir $(STUDY))) && exit $$status
 
-# The configuration reference, docs/configuration.md, from hvcodistill/config.py (tests/test_docs.py
-# checks that it is current).
+# The configuration reference, docs/configuration.md, from hvcodistill/config.py
+# (tests/unit/test_docs.py checks that it is current).
 docs: $(READY)
 	$(PY) scripts/config_reference.py
 

@@ -2,8 +2,8 @@
 
 Every key's type, default and help come from its field, and a choice key's values from the
 registry it names (config.CHOICES), so the page cannot say what the code does not. `make docs`
-writes it to docs/configuration.md (scripts/config_reference.py); tests/test_docs.py checks that
-the page is current. A library module, not a command.
+writes it to docs/configuration.md (scripts/config_reference.py); tests/unit/test_docs.py checks
+that the page is current. A library module, not a command.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ HEADER = """\
 # Configuration reference
 
 <!-- Generated from hvcodistill/config.py by `make docs` (hvcodistill/configref.py): do not edit
-by hand. tests/test_docs.py checks that this page is current. -->
+by hand. tests/unit/test_docs.py checks that this page is current. -->
 
 A run's settings are these defaults, then a YAML file (`--config FILE`, or a shipped config's
 name such as `digits_codistill`), then any number of `dotted.key=value` overrides on the command

@@ -1,32 +1,28 @@
-import itertools
+"""Fixtures every test module may use, and the markers: tests/unit is `unit`; `mpi`, `slurm`
+and `cluster` mark what starts ranks, a SLURM cluster or network namespaces."""
+
 import os
+import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from hvcodistill.cluster import EmulatedCluster, cluster_unavailable
-from hvcodistill.mpirun import mpirun_command
+from hvcodistill.cluster import EmulatedCluster
+from tests.helpers import CLUSTER_UNAVAILABLE, ROOT, our_namespaces, run_ranks, unique_name
 
-ROOT = Path(__file__).resolve().parents[1]
-MPI_DIR = Path(__file__).parent / "mpi"
+# fixtures of their own modules: the session's SLURM cluster, the cache of trained runs
+pytest_plugins = ["tests.slurm_cluster", "tests.runs"]
+
+HEAVY = ("mpi", "slurm", "cluster")
 
 
-def run_ranks(
-    np: int, args: list[str], *, timeout: float = 300, cwd: Path | None = None, check: bool = True
-) -> subprocess.CompletedProcess:
-    """Start `np` real Open MPI ranks of `python args...` and return the finished process."""
-    cmd, env = mpirun_command(np, [sys.executable, *args])
-    proc = subprocess.run(
-        cmd, env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        pytest.fail(
-            f"{np} ranks of {' '.join(args)} exited {proc.returncode}\n"
-            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
-        )
-    return proc
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        heavy = any(item.get_closest_marker(m) for m in HEAVY)
+        if "unit" in item.path.parts and not heavy:
+            item.add_marker(pytest.mark.unit)
+        if item.get_closest_marker("cluster") and CLUSTER_UNAVAILABLE:
+            item.add_marker(pytest.mark.skip(reason=CLUSTER_UNAVAILABLE))
 
 
 def _repo_runs() -> set[str]:
@@ -49,24 +45,10 @@ def ranks():
     return run_ranks
 
 
-# ---------------------------------------------------------------- the emulated cluster (root only)
-UNAVAILABLE = cluster_unavailable()
-needs_cluster = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
-_names = itertools.count()
-
-
-def unique_name() -> str:
-    return f"t{os.getpid()}{next(_names)}"
-
-
-def our_namespaces(name: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(f"hvc_{name}_")]
-
-
 @pytest.fixture
 def make_cluster(tmp_path):
-    """Build clusters with unique names in a private state dir; take every one down afterwards."""
+    """Build clusters with unique names in a private state dir; take every one down afterwards.
+    For the tests of building one (`up`, `down`, their failures); the others take `cluster`."""
     made = []
 
     def make(nodes=2, **kw):
@@ -78,3 +60,38 @@ def make_cluster(tmp_path):
     for c in made:
         c.down(quiet=True)
         assert our_namespaces(c.name) == [], f"namespaces of {c.name} left behind"
+
+
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory):
+    """One emulated 2-node cluster for a whole test module (namespaces, veths, a bridge and tc on
+    every link, built once); tests take it through `cluster`. Taken down at the module's end."""
+    c = EmulatedCluster(2, name=unique_name(), state_dir=tmp_path_factory.mktemp("cluster"))
+    c.up()
+    yield c
+    c.down(quiet=True)
+    assert our_namespaces(c.name) == [], f"namespaces of {c.name} left behind"
+
+
+@pytest.fixture
+def cluster(module_cluster):
+    """The module's 2-node cluster, to re-shape (`cluster.shape("100mbit")`) rather than rebuild.
+    A test may break it: afterwards whatever still runs on its nodes is killed, every link is set
+    up again and the links are left unshaped, so the next test finds it as built."""
+    yield module_cluster
+    restore(module_cluster)
+
+
+def restore(c: EmulatedCluster) -> None:
+    for host in c.hosts:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", c.namespace(host)], capture_output=True, text=True, check=True
+        ).stdout
+        for pid in pids.split():  # only this cluster's: the processes a test started on it
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "-n", c.namespace(host), "link", "set", "eth0", "up"], check=True)
+        subprocess.run(["ip", "-n", c.switch, "link", "set", c.port(host), "up"], check=True)
+    c.shape(None)

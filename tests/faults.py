@@ -1,8 +1,16 @@
-"""Helpers of the fault tests (test_faults_mpi.py, test_faults_cluster.py, test_faults_slurm.py):
-a training run to break, its ranks found by their run.dir, and the clock from fault to exit."""
+"""Helpers of the fault tests (tests/integration/test_faults*.py):
+a training run to break, its ranks found by their run.dir, and the clock from fault to exit.
+
+A fault test's run must not be able to end before its fault: train.steps=UNBOUNDED makes the fault
+(or the signal) its only end; set-up held on the MNIST-1D lock (`setup_held`) makes a run that
+cannot finish set-up. The user promises are the only time bounds: FAIL_FAST_S (tests/helpers.py),
+CTRL_C_S and DISK_FULL_S."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -11,9 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CONFIG = str(ROOT / "configs" / "digits_codistill.yaml")
+# promises to users (docs/clusters.md): Ctrl-C ends the job within 10 s, a full disk within 30 s
+CTRL_C_S = 10
+DISK_FULL_S = 30
+# train.steps of a run whose only end is its fault: at the slowest step seen here (~50 ms) it
+# would train for over a year
+UNBOUNDED = 10**9
 STEPS = 300
 # constant lr: the run may be resumed with the same command; checkpoints every 20 steps
 TRAIN_ARGS = [
@@ -25,7 +39,6 @@ TRAIN_ARGS = [
     "run.checkpoint_every=20",
     "optim.lr_schedule=constant",
 ]
-FAIL_FAST_S = 30  # issue 10, point 5: every rank ends within 30 s of a lost rank or node
 
 
 def train_command(run_dir: Path, *overrides: str, python: str = sys.executable) -> list[str]:
@@ -71,7 +84,8 @@ def wait_for(what: str, ready, timeout: float, alive=lambda: True, log=lambda: "
     deadline = time.monotonic() + timeout
     while not ready():
         assert alive(), f"the run ended while waiting for {what}\n{log()}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s\n{log()}"
+        # (not log(): reading a live process's pipes to the end would wait for its end)
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
         time.sleep(0.05)
 
 
@@ -104,6 +118,77 @@ def kill_all(run_dir: Path) -> None:
 
 def summary_steps(run_dir: Path) -> int:
     return json.loads((run_dir / "summary.json").read_text())["steps"]
+
+
+@contextlib.contextmanager
+def training(cmd: list[str], env: dict | None, run_dir: Path, timeout: float = 180):
+    """The set-up every fault test of a training run shares: the launcher started and a complete
+    checkpoint written (so the ranks are in the loop). Yields the launcher; on leaving, every
+    trainer process of `run_dir` still there is killed."""
+    proc = start(cmd, env)
+    try:
+        wait_for(
+            "checkpoint",
+            lambda: complete_checkpoints(run_dir),
+            timeout,
+            alive=lambda: proc.poll() is None,
+            log=lambda: proc.stderr.read(),
+        )
+        yield proc
+    finally:
+        kill_all(run_dir)
+
+
+def mnist1d_cache(data_dir: Path) -> Path:
+    """The file the ranks cache MNIST-1D in under data.path (hvcodistill/data/datasets.py); they
+    take `<it>.lock` before generating or reading it."""
+    from importlib import metadata
+
+    from hvcodistill.data.datasets import MNIST1D_ARGS
+
+    key = json.dumps({**MNIST1D_ARGS, "version": metadata.version("mnist1d")}, sort_keys=True)
+    return Path(data_dir) / f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def waiting_on(lock: Path) -> set[int]:
+    """Pids blocked in flock() on `lock` (/proc/locks: '-> FLOCK ... pid dev:inode')."""
+    inode = str(lock.stat().st_ino)
+    pids = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and fields[fields.index("->") + 1] == "FLOCK":
+            pid, where = fields[fields.index("->") + 4 : fields.index("->") + 6]
+            if where.rsplit(":", 1)[1] == inode:
+                pids.add(int(pid))
+    return pids
+
+
+@contextlib.contextmanager
+def setup_held(data_dir: Path):
+    """The test holds the MNIST-1D cache's lock in `data_dir`: ranks of an mnist1d run there wait
+    on it in set-up, and cannot leave set-up, until the block ends."""
+    lock = mnist1d_cache(data_dir).with_suffix(".npz.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield lock
+
+
+def pending(pid: int, sig: int) -> bool:
+    """Is `sig` sent to `pid` and not yet delivered (blocked, or the process is stopped)? False
+    once the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    status = dict(line.split(":", 1) for line in lines if ":" in line)
+    bit = 1 << (sig - 1)
+    return bool((int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)) & bit)
+
+
+def stopped(pid: int) -> bool:
+    """Is `pid` stopped (SIGSTOP)?"""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
 def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:

@@ -1,9 +1,10 @@
-"""A real, throw-away, one-machine SLURM cluster for the tests in test_slurm.py, and a 2-node one on
-the emulated cluster (EmulatedSlurmCluster, root only) for test_slurm_nodes.py.
+"""A real, throw-away, one-machine SLURM cluster for the tests of tests/integration/*slurm*.py,
+and a 2-node one on the emulated cluster (EmulatedSlurmCluster, root only) for test_slurm_nodes.py.
 
     cluster = SlurmCluster(workdir)   # writes munge key + slurm.conf under workdir
     cluster.start()                   # munged, slurmctld, slurmd (foreground, our own pids)
     job = cluster.sbatch(["slurm/codistill.sbatch"], env=..., wait=True)
+    cluster.ensure_ready()            # whatever a test did: no job, every daemon up, nodes idle
     cluster.stop()                    # cancels jobs, then stops exactly the pids it started
 
 Nothing system-wide is touched except installing the Debian packages when they are missing
@@ -11,17 +12,30 @@ Nothing system-wide is touched except installing the Debian packages when they a
 ports, state and spool directories, so a SLURM or munge already running on the machine is left
 alone. The node declares more CPUs than the machine has (SlurmdParameters=config_overrides), so
 a 4-task job fits on a 2-core CI box.
+
+Also a pytest plugin (tests/conftest.py's pytest_plugins): the fixtures `slurm_cluster`, the
+one-node cluster of the whole session, started once by the first test that asks for it and
+stopped at the session's end (also after a failure or Ctrl-C), and `slurm`, that cluster made
+ready before each test and emptied of jobs after it. And `Hold`: a run whose ranks wait before a
+step, so that a test signals or breaks a run that cannot have finished.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
 
 DAEMONS = ("slurmctld", "slurmd", "munged")
 PACKAGES = ("slurm-wlm", "munge")
@@ -298,6 +312,50 @@ MessageTimeout={self.message_timeout}
         while time.monotonic() < deadline and self.run(squeue, check=False).stdout.split():
             time.sleep(0.5)
 
+    def _gone(self, name: str) -> bool:
+        return name not in self.procs or self.procs[name].poll() is not None
+
+    def revive(self, node: str, timeout: float = 60) -> None:
+        """Start a node's slurmd again if it is gone (killed, or exited) and wait until SLURM
+        takes the node back (ReturnToService=2 returns a node that was DOWN for not responding
+        once it registers)."""
+        name = self._slurmd_name(node)
+        if self._gone(name):
+            self.procs.pop(name, None)
+            # as after a reboot with fresh local state: a killed slurmstepd leaves its PMIx
+            # directory (TmpFS) and socket (spool) behind, named after the job step, which the
+            # requeued job (same id, same step) would fail to create again
+            for sub in ("tmp", "spool"):
+                shutil.rmtree(self.dir / sub / node, ignore_errors=True)
+            self.start_slurmd(node)
+        self._wait_for(
+            f"node {node} to come back",
+            lambda: self.node_state(node) in ("idle", "mixed", "allocated"),
+            timeout=timeout,
+        )
+
+    def ensure_ready(self, timeout: float = 120) -> None:
+        """Ready for the next test, whatever the last one did: no job left, every daemon running
+        (munged or slurmctld gone: the cluster starts over; a slurmd gone: it starts again) and
+        every node idle (a drained or down node is resumed)."""
+        if self._gone("munged") or self._gone("slurmctld"):
+            self.stop()
+            self.start()
+            return
+        self.cancel_all()
+        for node in self.nodes:
+            self.revive(node, timeout=timeout)
+        for node in self.nodes:
+            self._wait_for(
+                f"node {node} to be idle", lambda node=node: self._idle(node), timeout=timeout
+            )
+
+    def _idle(self, node: str) -> bool:
+        state = self.node_state(node)
+        if any(word in state for word in ("drain", "down", "fail")):
+            self.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=False)
+        return state == "idle"
+
     def __enter__(self):
         return self.start()
 
@@ -515,22 +573,6 @@ class EmulatedSlurmCluster(SlurmCluster):
             f"processes left in {node}'s namespace after SIGKILL: {self.node_pids(node)}"
         )
 
-    def revive(self, node: str, timeout: float = 60) -> None:
-        """Start a killed node's slurmd again and wait until SLURM takes the node back
-        (ReturnToService=2 returns a node that was DOWN for not responding once it registers)."""
-        if self._slurmd_name(node) not in self.procs:
-            # as after a reboot with fresh local state: a killed slurmstepd leaves its PMIx
-            # directory (TmpFS) and socket (spool) behind, named after the job step, which the
-            # requeued job (same id, same step) would fail to create again
-            for sub in ("tmp", "spool"):
-                shutil.rmtree(self.dir / sub / node, ignore_errors=True)
-            self.start_slurmd(node)
-        self._wait_for(
-            f"node {node} to come back",
-            lambda: self.node_state(node) in ("idle", "mixed", "allocated"),
-            timeout=timeout,
-        )
-
     def stop(self) -> None:
         """As SlurmCluster.stop, then SIGKILL whatever is still running in the nodes' namespaces
         (only what the jobs started runs there), so the namespaces can go."""
@@ -539,3 +581,210 @@ class EmulatedSlurmCluster(SlurmCluster):
         finally:
             for node in self.nodes:
                 self.kill_node(node)
+
+
+# ---------------------------------------------------------------- jobs of slurm/codistill.sbatch
+CODISTILL_SBATCH = ROOT / "slurm" / "codistill.sbatch"
+QUIET = "train.epochs=0 train.progress=false train.eval_every=0"
+# One node, 4 tasks of 1 CPU, no GPUs: command-line options override the scripts' #SBATCH lines.
+ONE_NODE = [
+    "--nodes=1",
+    "--ntasks=4",
+    "--ntasks-per-node=4",
+    "--cpus-per-task=1",
+    "--gpus-per-node=0",
+    "--time=20",
+]
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
+
+
+def submit(
+    cluster: SlurmCluster,
+    tmp_path: Path,
+    *,
+    launcher: str,
+    overrides: str,
+    script: Path = CODISTILL_SBATCH,
+    resources: list[str] = ONE_NODE,
+    config: str | None = "configs/digits_codistill.yaml",
+    env: dict | None = None,
+) -> tuple[int, Path, Path]:
+    """sbatch `script` the way a user does, from a directory other than the repository (so the
+    script must find the repository itself); CONFIG etc. travel in the environment
+    (--export=ALL). Returns (job id, its run dir tmp_path/run, its output tmp_path/job.out)."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job_env = {
+        "RUN_DIR": str(run_dir),
+        "OVERRIDES": overrides,
+        "LAUNCHER": launcher,
+        "PYTHON": sys.executable,
+        **({"CONFIG": config} if config else {}),
+        **(env or {}),
+    }
+    job, _ = cluster.sbatch(
+        [*resources, f"--output={out}", "--export=ALL", str(script)], env=job_env, cwd=tmp_path
+    )
+    return job, run_dir, out
+
+
+def finished(
+    cluster: SlurmCluster, job: int, out: Path, *, timeout: float = 240, until=None
+) -> dict:
+    """Wait for the job to end for good, or until `until(fields)` (polling scontrol: `sbatch
+    --wait` polls with a doubling interval and would add up to a minute here); returns its
+    scontrol fields."""
+    try:
+        return cluster.wait_job(job, timeout=timeout, until=until)
+    except SlurmError as e:
+        raise AssertionError(f"{e}\n--- job output ---\n{read(out)}") from None
+
+
+def requeued(cluster: SlurmCluster, job: int, out: Path) -> dict:
+    """Wait until the job has been requeued (Restarts >= 1) or ended; its fields."""
+    return finished(
+        cluster,
+        job,
+        out,
+        timeout=120,
+        until=lambda f: int(f.get("Restarts", "0")) >= 1 or f.get("JobState") in TERMINAL_STATES,
+    )
+
+
+def assert_completed(fields: dict, out: Path, cluster: SlurmCluster | None = None) -> str:
+    """The job completed with exit 0; returns its output."""
+    log = read(out)
+    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", (
+        f"job {fields.get('JobId')} ended {fields.get('JobState')} {fields.get('ExitCode')}\n"
+        f"{log}\n{cluster.logs() if cluster else ''}"
+    )
+    return log
+
+
+def wait_for_training(
+    cluster: SlurmCluster, job: int, run_dir: Path, out: Path, *, timeout: float = 180
+) -> None:
+    """Until the run has logged a step (metrics.jsonl): its ranks are past set-up and training."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert cluster.job(job).get("JobState") not in TERMINAL_STATES, (
+            f"job ended before training began\n{read(out)}"
+        )
+        assert time.monotonic() < deadline, f"no metrics after {timeout:.0f}s\n{read(out)}"
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- fixtures (a pytest plugin)
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The one-node cluster of the whole session: installed if need be, started by the first
+    test that asks for it, stopped (by pid) when the session ends, also after a failure or
+    Ctrl-C; atexit stops it should the session end without its teardown."""
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    workdir = Path(tempfile.mkdtemp(prefix="hvslurm-"))  # short: munged's socket path must fit
+    cluster = SlurmCluster(workdir)
+    atexit.register(cluster.stop)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        atexit.unregister(cluster.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The session's cluster, ready before each test (no job, every daemon up, the node idle:
+    a test may have preempted, requeued or failed a job, or lost a daemon) and emptied of jobs
+    after it, so a failed test leaves none in the way."""
+    slurm_cluster.ensure_ready()
+    yield slurm_cluster
+    slurm_cluster.cancel_all()
+
+
+# ---------------------------------------------------------------- a run held before a step
+HOLD_ENV = "HVCODISTILL_TEST_HOLD"
+HELD_TRAIN = '''\
+"""`python -m hvcodistill.train ARGS`, with one run held (tests/slurm_cluster.py, Hold): while
+the file named by $HVCODISTILL_TEST_HOLD exists and reads "STEP RUN_DIR", each rank of RUN_DIR
+waits before step STEP until it has been signalled (SIGUSR1/SIGTERM, as the preemption guard
+records it) or the file is removed; only in a job's first attempt (SLURM_RESTART_COUNT unset
+or 0), so a requeued job that resumes before STEP goes on. Any other run goes on as usual."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def hold(args):
+    path = os.environ.get("HVCODISTILL_TEST_HOLD", "")
+    if not path or not os.path.exists(path) or os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+        return
+    step, run_dir = Path(path).read_text().split(maxsplit=1)
+    ours = [a.split("=", 1)[1] for a in args if a.startswith("run.dir=")]
+    if not ours or Path(ours[-1]).resolve() != Path(run_dir.strip()):
+        return
+    from hvcodistill.comm.preemption import PreemptionGuard
+    from hvcodistill.training import loop
+
+    signalled = []
+    handle, train_step = PreemptionGuard._handle, loop.train_step
+
+    def noting_handle(self, signum, frame):
+        signalled.append(signum)
+        handle(self, signum, frame)
+
+    def held_step(tr, i, x, y):
+        if i == int(step):
+            while not signalled and os.path.exists(path):
+                time.sleep(0.05)
+        return train_step(tr, i, x, y)
+
+    PreemptionGuard._handle, loop.train_step = noting_handle, held_step
+
+
+if __name__ == "__main__":
+    if sys.argv[1:3] != ["-m", "hvcodistill.train"]:
+        sys.exit(f"{sys.argv[0]}: expected -m hvcodistill.train ARGS, got {sys.argv[1:]}")
+    sys.path[0] = os.getcwd()  # as under `python -m`
+    hold(sys.argv[3:])
+    from hvcodistill import train
+
+    sys.exit(train.main(sys.argv[3:]))
+'''
+
+
+class Hold:
+    """A run whose ranks wait before `step` until each is signalled or the test releases them,
+    so a test signals (or kills a node of) a run that cannot have finished first, however fast
+    the machine (a signal may still come earlier: the run stops there). Pass `env` to the job:
+    PYTHON, which codistill.sbatch starts the ranks with, is a wrapper of this interpreter that
+    holds the run whose run.dir is `run_dir`, and only that one (a study's other runs go on), in
+    the job's first attempt only (a requeued job is never held).
+
+        hold = Hold(tmp_path, tmp_path / "run", step=20)
+        job = cluster.sbatch([...], env={**env, **hold.env})
+        ... the run has logged step 10 and waits before step 20: signal it ...
+        hold.release()   # every rank goes on, signalled or not
+    """
+
+    def __init__(self, directory: Path, run_dir: Path, *, step: int):
+        directory = Path(directory)
+        self.file = directory / "hold"
+        self.file.write_text(f"{step} {Path(run_dir).resolve()}\n")
+        script = directory / "held_train.py"
+        script.write_text(HELD_TRAIN)
+        python = directory / "held_python"
+        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+        python.chmod(0o755)
+        self.env = {"PYTHON": str(python), HOLD_ENV: str(self.file)}
+
+    def release(self) -> None:
+        self.file.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ cutting its link, ends the job within 30 s and never leaves it waiting in a coll
 newest complete checkpoint stays. A cut link is what TCP alone would wait on for many minutes:
 mpirun's keepalive on its daemons' connections (hvcodistill.cluster, OOB_KEEPALIVE) and the
 ranks' heartbeat (run.hang_timeout) bound it. Each test prints its fault-to-exit time (pytest -s).
+Both faults break the module's one cluster (conftest's `cluster`), which is restored after each.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import needs_cluster
 from tests.faults import (
-    FAIL_FAST_S,
     STEPS,
     complete_checkpoints,
     kill_all,
@@ -26,25 +25,13 @@ from tests.faults import (
     train_command,
     wait_for,
 )
+from tests.helpers import FAIL_FAST_S, needs_cluster
 
 pytestmark = [pytest.mark.mpi, needs_cluster]
 
 
-def kill_namespace(cluster, host: str) -> None:
-    """Clean-up: whatever still runs on `host` (an orted cut off from mpirun), by pid."""
-    out = subprocess.run(
-        ["ip", "netns", "pids", cluster.namespace(host)], capture_output=True, text=True
-    ).stdout
-    for pid in out.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.parametrize("fault", ["ranks killed", "link cut"])
-def test_lost_node_ends_the_job(make_cluster, tmp_path, fault):
-    cluster = make_cluster(2)
+def test_lost_node_ends_the_job(cluster, tmp_path, fault):
     run_dir = tmp_path / "run"
     cmd, env = cluster.mpirun_command(
         4, train_command(run_dir, f"train.steps={STEPS * 100}"), slots=2
@@ -77,8 +64,7 @@ def test_lost_node_ends_the_job(make_cluster, tmp_path, fault):
         took = time.monotonic() - start_at
         node0_left = {r: p for r, p in rank_pids(run_dir).items() if r in (0, 1)}
     finally:
-        kill_all(run_dir)
-        kill_namespace(cluster, "node1")
+        kill_all(run_dir)  # and `cluster` kills what is left on the nodes, sets the link up again
     print(f"{fault} on node1 -> mpirun exited {proc.returncode} after {took:.1f} s")
     assert proc.returncode != 0 and took < FAIL_FAST_S, (took, err[-3000:])
     assert not node0_left, f"node0's ranks {sorted(node0_left)} outlived mpirun"

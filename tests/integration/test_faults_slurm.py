@@ -6,41 +6,31 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 import pytest
 
 from tests.faults import (
-    FAIL_FAST_S,
     TRAIN_ARGS,
     complete_checkpoints,
     kill_all,
     rank_pids,
     wait_for,
 )
-from tests.slurm_cluster import TERMINAL_STATES
-from tests.test_slurm import CODISTILL_SBATCH, ONE_NODE, read, slurm, slurm_cluster  # noqa: F401 (fixtures)
+from tests.helpers import FAIL_FAST_S
+from tests.slurm_cluster import TERMINAL_STATES, read, submit
 
 pytestmark = pytest.mark.slurm
 
 
-def test_killed_rank_ends_the_job(slurm, tmp_path):  # noqa: F811
+def test_killed_rank_ends_the_job(slurm, tmp_path):
+    """The run is 30000 steps long, far more than it trains before the kill: it cannot finish
+    first. The cluster stays usable (the `slurm` fixture makes it ready for the next test)."""
     launcher = "srun" if slurm.mpi_plugins() & {"pmix", "pmi2"} else "mpirun"
-    run_dir, out = tmp_path / "run", tmp_path / "job.out"
     overrides = (
         " ".join(a for a in TRAIN_ARGS if not a.startswith("train.steps=")) + " train.steps=30000"
     )
-    env = {
-        "RUN_DIR": str(run_dir),
-        "OVERRIDES": overrides,
-        "LAUNCHER": launcher,
-        "PYTHON": sys.executable,
-        "CONFIG": "configs/digits_codistill.yaml",
-    }
-    job, _ = slurm.sbatch(
-        [*ONE_NODE, f"--output={out}", "--export=ALL", str(CODISTILL_SBATCH)], env=env, cwd=tmp_path
-    )
+    job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=overrides)
     try:
         wait_for(
             "checkpoint",

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import pytest
 
 from hvcodistill import resources
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # What `pip install .` must not see of a working checkout (as in .dockerignore).
 NOT_SOURCE = (".git", ".venv", "venv", "env", ".cache", "build", "dist", "*.egg-info", "runs")

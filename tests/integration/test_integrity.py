@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hvcodistill.data import BatchPlan
-from tests.conftest import MPI_DIR, ROOT
+from tests.helpers import MPI_DIR, ROOT
+from tests.mpi.checks import ident, result
 
 pytestmark = pytest.mark.mpi
 
@@ -84,11 +85,9 @@ def test_copies_of_the_same_data_at_other_paths_train(ranks, tmp_path):
 
 
 # ---------------------------------------------------------------- point 4
-def test_each_rank_its_own_dropout_masks_and_one_init_per_group(ranks, tmp_path):
-    proc = ranks(
-        4, [str(MPI_DIR / "check_dropout.py"), "codistill.n_models=2", f"run.dir={tmp_path}"]
-    )
-    assert "dropout ok: W=4 M=2" in proc.stdout.splitlines(), proc.stdout
+@pytest.mark.parametrize("check", [(4, "dropout")], ids=ident)
+def test_each_rank_its_own_dropout_masks_and_one_init_per_group(request, check):
+    assert result(request, check) == "dropout ok: W=4 M=2"
 
 
 def test_resume_with_dropout_is_exact(ranks, tmp_path):

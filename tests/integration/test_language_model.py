@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.mpi
 

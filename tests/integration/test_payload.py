@@ -4,17 +4,16 @@ import json
 
 import pytest
 
-from tests.conftest import MPI_DIR, ROOT
+from tests.helpers import ROOT
+from tests.mpi.checks import ident, result
 
 pytestmark = pytest.mark.mpi
 
 
-@pytest.mark.parametrize("np,trainer_dtype", [(4, "fp16"), (6, "bf16")])
-def test_payloads_are_rounded_logits_and_counted(ranks, np, trainer_dtype):
-    proc = ranks(
-        np, [str(MPI_DIR / "check_payload.py"), trainer_dtype, f"codistill.n_models={np // 2}"]
-    )
-    assert "payloads ok" in proc.stdout
+@pytest.mark.parametrize("check", [(4, "payload:fp16"), (6, "payload:bf16")], ids=ident)
+def test_payloads_are_rounded_logits_and_counted(request, check):
+    np, dtype = check[0], check[1].split(":")[1]
+    assert result(request, check) == f"payloads ok: W={np} M={np // 2}, trainer {dtype}"
 
 
 def test_half_payload_halves_the_bytes_of_a_run(ranks, tmp_path):

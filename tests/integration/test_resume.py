@@ -1,54 +1,30 @@
-"""Checkpoints under real ranks: preemption by signal, exact resume, corrupt files, mismatches."""
+"""Checkpoints under real ranks: preemption by signal, exact resume, corrupt files, mismatches.
+
+The retention and refusal tests read one cached weights-mode run (tests/runs.py `weights_run`,
+trained once per session) and damage or resume copies of it."""
 
 import json
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from hvcodistill.mpirun import mpirun_command
-from tests.conftest import ROOT
+from tests.faults import kill_all, start, wait_for
+from tests.helpers import one_line_exit, ours, run_ranks
+from tests.runs import QUIET, WEIGHTS_MODE, copy_run, train_args
 
 pytestmark = pytest.mark.mpi
 
-CONFIG = str(ROOT / "configs" / "digits_codistill.yaml")
 MODES = {
-    "predictions": ["codistill.mode=predictions", "model.name=mlp"],
-    # a CNN has BatchNorm buffers: per-rank state that must come back exactly, teachers' too
-    "weights": [
-        "codistill.mode=weights",
-        "codistill.every=7",
-        "data.order=disjoint",
-        "model.name=cnn",
-    ],
+    "predictions": ("codistill.mode=predictions", "model.name=mlp"),
+    "weights": WEIGHTS_MODE,  # BatchNorm buffers: per-rank state that must come back exactly
 }
-
-
-def command(run_dir, *overrides):
-    return mpirun_command(
-        4,
-        [
-            sys.executable,
-            "-m",
-            "hvcodistill.train",
-            "--config",
-            CONFIG,
-            "train.epochs=0",
-            "train.eval_every=0",
-            "train.progress=false",
-            "train.log_every=5",
-            f"run.dir={run_dir}",
-            *overrides,
-        ],
-    )
-
-
-def run(run_dir, *overrides):
-    cmd, env = command(run_dir, *overrides)
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+# steps of the signalled run: at the slowest step seen here (~50 ms) that is over a year, so the
+# signal is its only end
+UNBOUNDED = 10**9
+AFTER = 30  # steps the resumed run trains past the step it was stopped at (4 refreshes at k = 7)
 
 
 def assert_same_models(a, b, n_models=2):
@@ -61,63 +37,76 @@ def assert_same_models(a, b, n_models=2):
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_signal_checkpoint_and_exact_resume(tmp_path, mode):
-    steps = ["train.steps=300", *MODES[mode]]
-    cmd, env = command(tmp_path / "cut", *steps)
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    """SIGUSR1 to mpirun stops every rank at one step s with a checkpoint (exit 75); resumed to
+    s + AFTER steps, the run ends bitwise as an uninterrupted run of s + AFTER steps, with the
+    same exchanges, and its wall time adds the segments up.
+
+    No race with the clock: the signalled run has train.steps=UNBOUNDED, so it cannot end before
+    the signal, whenever the signal lands; s is whatever step the ranks agreed on, read from the
+    checkpoint. The constant lr schedule is what lets the resumed run (and the reference) end at
+    s + AFTER: no setting that shapes the trajectory depends on train.steps (the resume check
+    allows a changed step count exactly then). Burn-in 0: the models exchange in both segments."""
+    settings = [*QUIET, *MODES[mode], "optim.lr_schedule=constant", "codistill.burn_in_steps=0"]
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    cmd, env = mpirun_command(
+        4, [sys.executable, *train_args(cut, *settings, f"train.steps={UNBOUNDED}")]
     )
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while (
-        not (metrics.exists() and metrics.read_text().strip())
-        and time.time() < deadline
-        and proc.poll() is None
-    ):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
-    out, err = proc.communicate(timeout=300)
+    proc = start(cmd, env)
+    try:
+        # a first log line: every rank has trained (the preemption guard's, not set-up's, signal)
+        metrics = cut / "metrics.jsonl"
+        wait_for(
+            "a first log line",
+            lambda: metrics.exists() and metrics.read_text().strip(),
+            300,
+            alive=lambda: proc.poll() is None,
+            log=lambda: proc.stderr.read(),
+        )
+        proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
+        _, err = proc.communicate(timeout=300)
+    finally:
+        kill_all(cut)  # nothing is left if it went as it should; an unbounded run must not linger
     assert proc.returncode == 75, err[-3000:]
     assert "stopped by SIGUSR1" in err
-    stopped = sorted((tmp_path / "cut" / "checkpoints" / "model_0").glob("step_*.pt"))
-    assert len(stopped) == 1 and 0 < int(stopped[0].stem.split("_")[1]) < 300
+    stopped = sorted((cut / "checkpoints" / "model_0").glob("step_*.pt"))
+    assert len(stopped) == 1, stopped  # checkpoint_every=0: only the stop's
+    s = int(stopped[0].stem.split("_")[1])
+    assert 0 < s < UNBOUNDED
+    wall_before = torch.load(stopped[0], weights_only=False)["ranks"][0]["timer"]["wall_s"]
 
-    resumed = run(tmp_path / "cut", *steps)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step" in resumed.stderr
-    whole = run(tmp_path / "whole", *steps)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    assert_same_models(tmp_path / "cut", tmp_path / "whole")
-    a = json.loads((tmp_path / "cut" / "summary.json").read_text())
-    b = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    assert a["exchanges"] == b["exchanges"] and a["exchanged_bytes"] == b["exchanged_bytes"]
-    # wall time adds up the segments: the cut run's total exceeds its resumed segment alone
-    assert (
-        a["resumed_from_step"] == int(stopped[0].stem.split("_")[1]) and b["resumed_from_step"] == 0
-    )
-    assert a["wall_seconds"] - a["segment_seconds"] > 0.1, (a["wall_seconds"], a["segment_seconds"])
-    assert b["wall_seconds"] == pytest.approx(b["segment_seconds"], abs=0.1)
+    end = [*settings, f"train.steps={s + AFTER}"]
+    resumed = run_ranks(4, train_args(cut, *end))
+    assert f"resuming from step {s}" in resumed.stderr
+    run_ranks(4, train_args(whole, *end))
+    assert_same_models(cut, whole)
+    a = json.loads((cut / "summary.json").read_text())
+    b = json.loads((whole / "summary.json").read_text())
+    assert a["steps"] == b["steps"] == s + AFTER
+    assert a["exchanges"] == b["exchanges"] > 0 and a["exchanged_bytes"] == b["exchanged_bytes"]
+    assert a["resumed_from_step"] == s and b["resumed_from_step"] == 0
+    # wall time adds up the segments: the cut run's total is its resumed segment plus the wall
+    # time its checkpoint recorded; a fresh run's is its one segment. The tolerance stands for
+    # two clock reads in a row (the summary's two fields), far less than the first segment.
+    gap = wall_before / 2
+    assert wall_before > 0
+    assert a["wall_seconds"] - a["segment_seconds"] == pytest.approx(wall_before, abs=gap)
+    assert b["wall_seconds"] - b["segment_seconds"] == pytest.approx(0, abs=gap)
 
 
-def test_retention_corrupt_and_truncated_files_fall_back(tmp_path):
-    steps = [
-        "train.steps=40",
-        "run.checkpoint_every=10",
-        "run.keep_checkpoints=3",
-        *MODES["weights"],
-    ]
-    first = run(tmp_path / "run", *steps)
-    assert first.returncode == 0, first.stderr[-3000:]
-    ckpts = tmp_path / "run" / "checkpoints"
+def test_retention_corrupt_and_truncated_files_fall_back(tmp_path, weights_run):
+    """The newest 3 checkpoints are kept; a corrupt (same size) and a truncated one are skipped,
+    the resume from the newest good step ends exactly as the uninterrupted run, and the logs hold
+    each step once."""
     for m in (0, 1):
-        assert [p.stem for p in sorted((ckpts / f"model_{m}").glob("step_*.pt"))] == [
+        assert [
+            p.stem for p in sorted(weights_run.dir.glob(f"checkpoints/model_{m}/step_*.pt"))
+        ] == [
             "step_000000020",
             "step_000000030",
             "step_000000040",
         ]
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    for m in (0, 1):
-        (reference / f"model_{m}.pt").write_bytes((tmp_path / "run" / f"model_{m}.pt").read_bytes())
+    run_dir = copy_run(weights_run, tmp_path / "run")
+    ckpts = run_dir / "checkpoints"
     # step 40 of model 1: same size, flipped bytes (only the hash can tell); step 30 of model 0:
     # cut short
     p = ckpts / "model_1" / "step_000000040.pt"
@@ -126,20 +115,17 @@ def test_retention_corrupt_and_truncated_files_fall_back(tmp_path):
     p.write_bytes(bytes(data))
     p = ckpts / "model_0" / "step_000000030.pt"
     p.write_bytes(p.read_bytes()[:1000])
-    again = run(tmp_path / "run", *steps)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = run_ranks(4, train_args(run_dir, *weights_run.overrides))
     assert "checkpoint step 40 is corrupt" in again.stderr
     assert "resuming from step 20" in again.stderr
-    assert_same_models(tmp_path / "run", reference)
+    assert_same_models(run_dir, weights_run.dir)  # the cached run is the uninterrupted one
     # steps 25..40 ran twice; the logs hold each once (metrics.jsonl trimmed, TensorBoard purged)
-    rows = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [(r["model"], r["step"]) for r in rows if r["kind"] == "train"]
     assert sorted(train_rows) == [(m, s) for m in (0, 1) for s in range(5, 45, 5)]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "run" / "tb" / "model_1"))
+    acc = EventAccumulator(str(run_dir / "tb" / "model_1"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/task_loss")] == list(range(5, 45, 5))
 
@@ -152,25 +138,10 @@ def test_retention_corrupt_and_truncated_files_fall_back(tmp_path):
         (4, "run.resume=false", "run.resume=false"),
     ],
 )
-def test_resume_with_other_settings_is_refused(tmp_path, np, override, needle):
-    steps = ["train.steps=10", *MODES["weights"]]
-    assert run(tmp_path / "run", *steps).returncode == 0
-    cmd, env = mpirun_command(
-        np,
-        [
-            sys.executable,
-            "-m",
-            "hvcodistill.train",
-            "--config",
-            CONFIG,
-            "train.epochs=0",
-            "train.progress=false",
-            f"run.dir={tmp_path / 'run'}",
-            *steps,
-            override,
-        ],
-    )
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    ours = [line for line in proc.stderr.splitlines() if line.startswith("hvcodistill:")]
-    assert len(ours) == 1 and needle in ours[0] and "checkpoint" in ours[0], proc.stderr
+def test_resume_with_other_settings_is_refused(tmp_path, weights_run, np, override, needle):
+    """A copy of the one cached weights run, resumed three wrong ways: exit 2, one line naming the
+    setting and the checkpoint."""
+    run_dir = copy_run(weights_run, tmp_path / "run")
+    proc = run_ranks(np, train_args(run_dir, *weights_run.overrides, override), check=False)
+    one_line_exit(proc, 2, needle, "checkpoint")
+    assert len(ours(proc.stderr)) == 1, proc.stderr[-3000:]  # and no other line of ours

@@ -1,66 +1,51 @@
 """slurm/*.sbatch on a real one-machine SLURM (slurmctld + slurmd + munged, started here).
 
-The cluster comes from tests/slurm_cluster.py: slurm-wlm and munge are installed with apt-get
-when missing (as root; the tests are skipped, saying why, only when that is impossible), the
-daemons run with their own key, ports and directories, and are stopped by pid afterwards.
-The node declares 4 CPUs on a 2-core machine, so the 4-rank jobs below are oversubscribed, as
-`make demo` is, and the scripts set OMPI_MCA_mpi_yield_when_idle=1 for them.
+The cluster is the session's (tests/slurm_cluster.py, fixtures `slurm_cluster` and `slurm`):
+slurm-wlm and munge are installed with apt-get when missing (as root; the tests are skipped,
+saying why, only when that is impossible), the daemons run with their own key, ports and
+directories, and are stopped by pid at the end of the session. The node declares 4 CPUs on a
+2-core machine, so the 4-rank jobs below are oversubscribed, as `make demo` is, and the scripts
+set OMPI_MCA_mpi_yield_when_idle=1 for them.
+
+One job per launcher runs RUN to the end (`completed`): test_codistill_sbatch_runs_to_the_end
+checks it, and it is the uninterrupted run that the preempted job must match bit for bit.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.slurm_cluster import TERMINAL_STATES, SlurmCluster, SlurmError, ensure_installed
+from tests.helpers import ROOT
+from tests.slurm_cluster import (
+    CODISTILL_SBATCH,
+    QUIET,
+    Hold,
+    SlurmCluster,
+    assert_completed,
+    finished,
+    read,
+    requeued,
+    submit,
+    wait_for_training,
+)
 
 pytestmark = pytest.mark.slurm
 
-CODISTILL_SBATCH = ROOT / "slurm" / "codistill.sbatch"
 ALLREDUCE_SBATCH = ROOT / "slurm" / "allreduce.sbatch"
-# One node, 4 tasks of 1 CPU, no GPUs: command-line options override the scripts' #SBATCH lines.
-ONE_NODE = [
-    "--nodes=1",
-    "--ntasks=4",
-    "--ntasks-per-node=4",
-    "--cpus-per-task=1",
-    "--gpus-per-node=0",
-    "--time=20",
-]
-QUIET = "train.epochs=0 train.progress=false train.eval_every=0"
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """One cluster for the module: installed if need be, started, and stopped (by pid) at the
-    end."""
-    reason = ensure_installed()
-    if reason:
-        pytest.skip(reason)
-    workdir = Path(tempfile.mkdtemp(prefix="hvslurm-"))  # short: munged's socket path must fit
-    cluster = SlurmCluster(workdir)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture
-def slurm(slurm_cluster):
-    """The cluster, emptied of jobs after each test, so a failed test leaves none in the way."""
-    yield slurm_cluster
-    slurm_cluster.cancel_all()
+STEPS = 60
+# the run every test here trains; the guard agrees on a signal every step, so a preempted run
+# stops 2 steps after its ranks go on from a Hold
+RUN = (
+    f"{QUIET} train.steps={STEPS} train.log_every=10 run.checkpoint_every=0 "
+    "run.preempt_check_every=1"
+)
+HOLD_STEP = 20  # the preempted run waits before this step (it has logged step 10) for its signal
 
 
 def srun_mpi_or_skip(cluster: SlurmCluster) -> None:
@@ -72,56 +57,27 @@ def srun_mpi_or_skip(cluster: SlurmCluster) -> None:
         )
 
 
-def submit(
-    cluster: SlurmCluster,
-    script: Path,
-    tmp_path: Path,
-    *,
-    launcher: str,
-    overrides: str,
-    config: str | None = "configs/digits_codistill.yaml",
-) -> tuple[int, Path, Path]:
-    """sbatch `script` the way a user does, from a directory other than the repository (so the
-    script must find the repository itself); CONFIG etc. travel in the environment
-    (--export=ALL)."""
-    run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    env = {
-        "RUN_DIR": str(run_dir),
-        "OVERRIDES": overrides,
-        "LAUNCHER": launcher,
-        "PYTHON": sys.executable,
-    }
-    if config:
-        env["CONFIG"] = config
-    job, _ = cluster.sbatch(
-        [*ONE_NODE, f"--output={out}", "--export=ALL", str(script)], env=env, cwd=tmp_path
-    )
-    return job, run_dir, out
-
-
-def finished(cluster: SlurmCluster, job: int, out: Path, *, timeout: float = 240) -> dict:
-    """Wait for the job to end for good (polling scontrol: `sbatch --wait` polls with a doubling
-    interval and would add up to a minute here); returns its scontrol fields."""
-    try:
-        return cluster.wait_job(job, timeout=timeout)
-    except SlurmError as e:
-        raise AssertionError(f"{e}\n--- job output ---\n{read(out)}") from None
-
-
-def read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
-
-
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu")
 
 
-def assert_completed(fields: dict, out: Path) -> str:
-    log = read(out)
-    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", (
-        f"job {fields.get('JobId')} ended {fields.get('JobState')} {fields.get('ExitCode')}\n{log}"
-    )
-    return log
+@pytest.fixture(scope="module")
+def completed(slurm_cluster, tmp_path_factory):
+    """launcher -> (scontrol fields, run dir, output) of codistill.sbatch running RUN to the end,
+    submitted once per launcher by the first test that asks (which holds the `slurm` fixture, so
+    the cluster is ready and idle)."""
+    jobs = {}
+
+    def get(launcher: str) -> tuple[dict, Path, Path]:
+        if launcher not in jobs:
+            tmp = tmp_path_factory.mktemp(f"completed-{launcher}")
+            start = time.monotonic()
+            job, run_dir, out = submit(slurm_cluster, tmp, launcher=launcher, overrides=RUN)
+            jobs[launcher] = (finished(slurm_cluster, job, out), run_dir, out)
+            print(f"{launcher}: job {job} took {time.monotonic() - start:.1f}s")
+        return jobs[launcher]
+
+    return get
 
 
 def test_sbatch_scripts_parse_and_request_requeue():
@@ -136,20 +92,16 @@ def test_sbatch_scripts_parse_and_request_requeue():
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-def test_codistill_sbatch_runs_to_the_end(slurm, tmp_path, launcher):
+def test_codistill_sbatch_runs_to_the_end(slurm, completed, launcher):
     """4 tasks on one node, 2 models x 2 ranks: the run completes and leaves its results."""
     if launcher == "srun":
         srun_mpi_or_skip(slurm)
-    start = time.monotonic()
-    job, run_dir, out = submit(
-        slurm, CODISTILL_SBATCH, tmp_path, launcher=launcher, overrides=f"{QUIET} train.steps=60"
-    )
-    log = assert_completed(finished(slurm, job, out), out)
-    print(f"{launcher}: job {job} took {time.monotonic() - start:.1f}s")
+    fields, run_dir, out = completed(launcher)
+    log = assert_completed(fields, out)
     assert f"] {launcher} " in log, log  # the launch line the script logged
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["topology"] == {"world_size": 4, "n_models": 2, "group_size": 2}
-    assert summary["steps"] == 60
+    assert summary["steps"] == STEPS
     assert [m["id"] for m in summary["models"]] == [0, 1]
     for i in (0, 1):
         weights = load(run_dir / f"model_{i}.pt")
@@ -164,8 +116,8 @@ def test_allreduce_sbatch_runs_the_same_body(slurm, tmp_path):
     launcher = "srun" if slurm.mpi_plugins() & {"pmix", "pmi2"} else "mpirun"
     job, run_dir, out = submit(
         slurm,
-        ALLREDUCE_SBATCH,
         tmp_path,
+        script=ALLREDUCE_SBATCH,
         launcher=launcher,
         overrides=f"{QUIET} train.steps=30",
         config="configs/digits_allreduce.yaml",
@@ -177,39 +129,22 @@ def test_allreduce_sbatch_runs_the_same_body(slurm, tmp_path):
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-def test_preemption_requeues_and_resumes_bitwise(slurm, tmp_path, ranks, launcher):
+def test_preemption_requeues_and_resumes_bitwise(slurm, tmp_path, completed, launcher):
     """SIGUSR1 to the batch shell (what --signal=B:USR1 does) mid-run: the script forwards it
     through the launcher, the ranks checkpoint and exit 75, the script requeues the job, the same
-    job id runs again and resumes; the final weights are bitwise those of an uninterrupted run."""
+    job id runs again and resumes; the final weights are bitwise those of the uninterrupted run
+    (the mpirun job of `completed`). The run waits before step HOLD_STEP until its ranks have the
+    signal, so it cannot finish first."""
     if launcher == "srun":
         srun_mpi_or_skip(slurm)
-    steps = 600
-    overrides = f"{QUIET} train.steps={steps} train.log_every=10 run.checkpoint_every=0"
-    job, run_dir, out = submit(
-        slurm, CODISTILL_SBATCH, tmp_path, launcher=launcher, overrides=overrides
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (metrics.exists() and metrics.read_text().strip()):  # training is under way
-        fields = slurm.job(job)
-        assert fields.get("JobState") not in TERMINAL_STATES, (
-            f"job ended before training began\n{read(out)}"
-        )
-        assert time.monotonic() < deadline, f"no metrics after 180s\n{read(out)}"
-        time.sleep(0.2)
+    hold = Hold(tmp_path, tmp_path / "run", step=HOLD_STEP)
+    job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=RUN, env=hold.env)
+    wait_for_training(slurm, job, run_dir, out)
     slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
 
     # Requeued: back to PENDING with Restarts=1 (until the credential lifetime passes), same id.
-    try:
-        fields = slurm.wait_job(
-            job,
-            timeout=120,
-            until=lambda f: (
-                int(f.get("Restarts", "0")) >= 1 or f.get("JobState") in TERMINAL_STATES
-            ),
-        )
-    except SlurmError as e:
-        raise AssertionError(f"{e}\n{read(out)}") from None
+    fields = requeued(slurm, job, out)
+    hold.release()
     assert int(fields.get("Restarts", "0")) >= 1, f"job was not requeued: {fields}\n{read(out)}"
     checkpoints = [p for p in (run_dir / "checkpoints").rglob("*") if p.is_file()]
     assert checkpoints, (
@@ -220,24 +155,14 @@ def test_preemption_requeues_and_resumes_bitwise(slurm, tmp_path, ranks, launche
     log = assert_completed(finished(slurm, job, out), out)
     assert "(exit 75): requeueing job" in log and "restart 1:" in log, log
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == steps
+    assert summary["steps"] == STEPS and 0 < summary["resumed_from_step"] <= HOLD_STEP + 2, summary
 
-    # The same run without interruption, started directly under mpirun.
-    ranks(
-        4,
-        [
-            "-m",
-            "hvcodistill.train",
-            "--config",
-            str(ROOT / "configs" / "digits_codistill.yaml"),
-            *overrides.split(),
-            f"run.dir={tmp_path / 'reference'}",
-        ],
-    )
+    reference_fields, reference_dir, reference_out = completed("mpirun")
+    assert_completed(reference_fields, reference_out)
     for i in (0, 1):
         resumed, reference = (
             load(run_dir / f"model_{i}.pt"),
-            load(tmp_path / "reference" / f"model_{i}.pt"),
+            load(reference_dir / f"model_{i}.pt"),
         )
         assert resumed.keys() == reference.keys()
         for name in reference:

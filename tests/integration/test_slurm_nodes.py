@@ -11,13 +11,18 @@ itself and only the peer exchange crosses the link between the nodes. Covered:
   weights bitwise equal to an uninterrupted run;
 - node1 killed mid-run (SIGKILL to its slurmd, the job step and the ranks): the job ends within 30 s
   with a reason in its log, and the checkpoints it wrote stay resumable.
+
+One cluster for the module (`nodes_cluster`), made ready before each test (`two_nodes`: a killed
+node's slurmd is started again). One job per launcher runs RUN to the end (`completed`): the
+placement test checks it, and it is the uninterrupted run the preempted job must match. A run
+that is signalled or loses a node waits before a step until then (tests/slurm_cluster.py, Hold),
+so it cannot finish first.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +31,22 @@ import pytest
 import torch
 
 from hvcodistill.cluster import EmulatedCluster
-from tests.conftest import ROOT, needs_cluster, our_namespaces, run_ranks, unique_name
-from tests.slurm_cluster import TERMINAL_STATES, EmulatedSlurmCluster, SlurmError, ensure_installed
+from tests.helpers import FAIL_FAST_S, needs_cluster, our_namespaces, unique_name
+from tests.slurm_cluster import (
+    QUIET,
+    EmulatedSlurmCluster,
+    Hold,
+    assert_completed,
+    ensure_installed,
+    finished,
+    read,
+    requeued,
+    submit,
+    wait_for_training,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi, needs_cluster]
 
-CODISTILL_SBATCH = ROOT / "slurm" / "codistill.sbatch"
 # Two nodes, 2 tasks of 1 CPU each, no GPUs: command-line options override the scripts' #SBATCH
 # lines.
 TWO_NODES = [
@@ -41,13 +56,20 @@ TWO_NODES = [
     "--gpus-per-node=0",
     "--time=20",
 ]
-QUIET = "train.epochs=0 train.progress=false train.eval_every=0"
-FAIL_FAST_S = 30
+STEPS = 60
+# the run of `completed` and of the preemption test; the guard agrees on a signal every step
+RUN = (
+    f"{QUIET} train.steps={STEPS} train.log_every=10 run.checkpoint_every=0 "
+    "run.preempt_check_every=1"
+)
+HOLD_STEP = 20  # a held run waits before this step (it has logged step 10)
 
 
 @pytest.fixture(scope="module")
 def nodes_cluster():
-    """node0 and node1 (namespaces), SLURM on them; everything stopped and removed at the end."""
+    """node0 and node1 (namespaces), SLURM on them, for the whole module (no test here needs
+    another link than the default, so nothing is re-shaped between tests); everything stopped
+    and removed at the end, also after a failure."""
     reason = ensure_installed()
     if reason:
         pytest.skip(reason)
@@ -70,68 +92,40 @@ def nodes_cluster():
 
 
 @pytest.fixture
-def slurm(nodes_cluster):
-    """The cluster with both nodes up and no job left after each test."""
-    for node in nodes_cluster.nodes:
-        nodes_cluster.revive(node)  # a test may have killed it
+def two_nodes(nodes_cluster):
+    """The module's cluster ready before each test (a killed node's slurmd started again, both
+    nodes idle, no job) and emptied of jobs after it."""
+    nodes_cluster.ensure_ready()
     yield nodes_cluster
     nodes_cluster.cancel_all()
 
 
-def submit(
-    cluster: EmulatedSlurmCluster,
-    tmp_path: Path,
-    *,
-    launcher: str,
-    overrides: str,
-    config: str = "configs/digits_codistill.yaml",
-) -> tuple[int, Path, Path]:
-    run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    env = {
-        "RUN_DIR": str(run_dir),
-        "OVERRIDES": overrides,
-        "LAUNCHER": launcher,
-        "PYTHON": sys.executable,
-        "CONFIG": config,
-    }
-    job, _ = cluster.sbatch(
-        [*TWO_NODES, f"--output={out}", "--export=ALL", str(CODISTILL_SBATCH)],
-        env=env,
-        cwd=tmp_path,
+def submit2(cluster, tmp_path: Path, *, launcher: str, overrides: str, env=None):
+    return submit(
+        cluster, tmp_path, launcher=launcher, overrides=overrides, resources=TWO_NODES, env=env
     )
-    return job, run_dir, out
 
 
-def read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
+@pytest.fixture(scope="module")
+def completed(nodes_cluster, tmp_path_factory):
+    """launcher -> (scontrol fields, run dir, output) of codistill.sbatch running RUN to the end
+    on both nodes, once per launcher, submitted by the first test that asks (which holds
+    `two_nodes`): test_codistill_sbatch_on_two_nodes checks it, and it is the uninterrupted run
+    that the preempted job must match bit for bit."""
+    jobs = {}
 
+    def get(launcher: str) -> tuple[dict, Path, Path]:
+        if launcher not in jobs:
+            tmp = tmp_path_factory.mktemp(f"completed-{launcher}")
+            start = time.monotonic()
+            job, run_dir, out = submit2(nodes_cluster, tmp, launcher=launcher, overrides=RUN)
+            fields = finished(nodes_cluster, job, out)
+            print(f"{launcher}: job {job} on {fields.get('NodeList')} took "
+                  f"{time.monotonic() - start:.1f}s")  # fmt: skip
+            jobs[launcher] = (fields, run_dir, out)
+        return jobs[launcher]
 
-def finished(cluster, job: int, out: Path, *, timeout: float = 240, until=None) -> dict:
-    try:
-        return cluster.wait_job(job, timeout=timeout, until=until)
-    except SlurmError as e:
-        raise AssertionError(f"{e}\n--- job output ---\n{read(out)}") from None
-
-
-def assert_completed(fields: dict, out: Path, cluster=None) -> str:
-    log = read(out)
-    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", (
-        f"job {fields.get('JobId')} ended {fields.get('JobState')} {fields.get('ExitCode')}\n"
-        f"{log}\n"
-        f"{cluster.logs() if cluster else ''}"
-    )
-    return log
-
-
-def wait_for_training(cluster, job: int, run_dir: Path, out: Path, *, timeout: float = 180) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert cluster.job(job).get("JobState") not in TERMINAL_STATES, (
-            f"job ended before training\n{read(out)}"
-        )
-        assert time.monotonic() < deadline, f"no metrics after {timeout:.0f}s\n{read(out)}"
-        time.sleep(0.2)
+    return get
 
 
 def wait_for_line(out: Path, texts: tuple[str, ...], timeout: float = 10) -> bool:
@@ -163,48 +157,16 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """overrides -> run dir of the same training run without interruption, started directly with
-    mpirun on this machine (the groups' all-reduces and the exchange give the same bits wherever
-    the ranks sit); computed once for the tests that share the overrides."""
-    runs = {}
-
-    def run(overrides: str) -> Path:
-        if overrides not in runs:
-            run_dir = tmp_path_factory.mktemp("uninterrupted")
-            run_ranks(
-                4,
-                [
-                    "-m",
-                    "hvcodistill.train",
-                    "--config",
-                    str(ROOT / "configs" / "digits_codistill.yaml"),
-                    *overrides.split(),
-                    f"run.dir={run_dir}",
-                ],
-            )
-            runs[overrides] = run_dir
-        return runs[overrides]
-
-    return run
-
-
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-def test_codistill_sbatch_on_two_nodes(slurm, tmp_path, launcher):
+def test_codistill_sbatch_on_two_nodes(two_nodes, completed, launcher):
     """2 nodes x 2 tasks: the job completes, each model's ranks sit on one node, the nodes are the
     two slurmds' (node0, node1), and bytes crossed between the nodes."""
-    start = time.monotonic()
-    job, run_dir, out = submit(
-        slurm, tmp_path, launcher=launcher, overrides=f"{QUIET} train.steps=40"
-    )
-    fields = finished(slurm, job, out)
-    log = assert_completed(fields, out)
-    print(f"{launcher}: job {job} on {fields.get('NodeList')} took {time.monotonic() - start:.1f}s")
+    fields, run_dir, out = completed(launcher)
+    log = assert_completed(fields, out, two_nodes)
     assert fields.get("NodeList") == "node[0-1]" and f"] {launcher} " in log, (fields, log)
     assert "4 ranks on 2 node(s) [node[0-1]], 2 per node" in log, log
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 40
+    assert summary["steps"] == STEPS
     assert_contiguous(summary)
     inter = sum(links["inter_node"] for links in summary["bytes"].values())
     assert inter > 0, summary["bytes"]
@@ -212,24 +174,21 @@ def test_codistill_sbatch_on_two_nodes(slurm, tmp_path, launcher):
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_preemption_on_two_nodes_requeues_and_resumes_bitwise(
-    slurm, tmp_path, uninterrupted, launcher
+    two_nodes, tmp_path, completed, launcher
 ):
     """SIGUSR1 to the batch shell on node0 (what --signal=B:USR1 does) reaches the ranks on both
     nodes; they checkpoint and exit 75, the job is requeued, runs again on both nodes, resumes, and
-    ends with weights bitwise equal to an uninterrupted run."""
-    steps = 600
-    overrides = f"{QUIET} train.steps={steps} train.log_every=10 run.checkpoint_every=0"
-    job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=overrides)
+    ends with weights bitwise equal to the uninterrupted run of `completed` (same launcher, same
+    placement). The run waits before step HOLD_STEP until its ranks have the signal, so it cannot
+    finish first."""
+    slurm = two_nodes
+    hold = Hold(tmp_path, tmp_path / "run", step=HOLD_STEP)
+    job, run_dir, out = submit2(slurm, tmp_path, launcher=launcher, overrides=RUN, env=hold.env)
     wait_for_training(slurm, job, run_dir, out)
     signalled = time.monotonic()
     slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
-    fields = finished(
-        slurm,
-        job,
-        out,
-        timeout=120,
-        until=lambda f: int(f.get("Restarts", "0")) >= 1 or f.get("JobState") in TERMINAL_STATES,
-    )
+    fields = requeued(slurm, job, out)
+    hold.release()
     print(f"{launcher}: USR1 -> requeued in {time.monotonic() - signalled:.1f}s")
     assert int(fields.get("Restarts", "0")) >= 1, f"job was not requeued: {fields}\n{read(out)}"
     checkpoints = sorted((run_dir / "checkpoints").rglob("step_*.pt"))
@@ -239,10 +198,11 @@ def test_preemption_on_two_nodes_requeues_and_resumes_bitwise(
     log = assert_completed(finished(slurm, job, out), out)
     assert "(exit 75): requeueing job" in log and "restart 1:" in log, log
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == steps
+    assert summary["steps"] == STEPS and 0 < summary["resumed_from_step"] <= HOLD_STEP + 2, summary
     assert_contiguous(summary)
 
-    reference_dir = uninterrupted(overrides)
+    reference_fields, reference_dir, reference_out = completed(launcher)
+    assert_completed(reference_fields, reference_out, slurm)
     for i in (0, 1):
         resumed, reference = load(run_dir / f"model_{i}.pt"), load(reference_dir / f"model_{i}.pt")
         assert resumed.keys() == reference.keys()
@@ -262,15 +222,23 @@ def newest_complete_step(run_dir: Path) -> int:
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-def test_killed_node_ends_the_job_fast(slurm, tmp_path, launcher):
+def test_killed_node_ends_the_job_fast(two_nodes, tmp_path, launcher):
     """node1 dies mid-run (SIGKILL to everything in its namespace: slurmd, the step, ranks 2 and 3).
     The job stops running within 30 s and is requeued (srun: SLURM's NODE_FAIL) or fails with the
     reason in its log (mpirun: the lost daemon); nothing is lost past the newest checkpoint: once
     node1 is back, the requeued job, or the same command again, resumes from that checkpoint and
-    completes."""
-    steps = 200
-    overrides = f"{QUIET} train.steps={steps} train.log_every=10 run.checkpoint_every=20"
-    job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=overrides)
+    completes. The run waits before step 30, after its checkpoint of step 20, until node1 is
+    killed, so it cannot finish (or checkpoint again) first. This test breaks node1 and brings it
+    back itself; `two_nodes` also revives it before the next test."""
+    slurm = two_nodes
+    steps, checkpointed = STEPS, 20
+    overrides = (
+        f"{QUIET} train.steps={steps} train.log_every=10 run.checkpoint_every={checkpointed}"
+    )
+    hold = Hold(tmp_path, tmp_path / "run", step=checkpointed + 10)
+    job, run_dir, out = submit2(
+        slurm, tmp_path, launcher=launcher, overrides=overrides, env=hold.env
+    )
     wait_for_training(slurm, job, run_dir, out)
     deadline = time.monotonic() + 120
     while newest_complete_step(run_dir) == 0:
@@ -278,6 +246,7 @@ def test_killed_node_ends_the_job_fast(slurm, tmp_path, launcher):
         time.sleep(0.2)
     killed = time.monotonic()
     slurm.kill_node("node1")
+    hold.release()  # the ranks on node0 go on into the step, whose peers are gone
     fields = finished(slurm, job, out, timeout=120, until=lambda f: f.get("JobState") != "RUNNING")
     took = time.monotonic() - killed
     log = read(out)
@@ -307,9 +276,10 @@ def test_killed_node_ends_the_job_fast(slurm, tmp_path, launcher):
     # either resumes from the newest complete checkpoint and runs to the end
     slurm.revive("node1")
     if int(fields.get("Restarts", "0")) == 0:
-        job, run_dir, out = submit(slurm, tmp_path, launcher=launcher, overrides=overrides)
+        job, run_dir, out = submit2(slurm, tmp_path, launcher=launcher, overrides=overrides)
     assert_completed(finished(slurm, job, out), out, slurm)
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert newest == checkpointed, newest
     assert summary["steps"] == steps and summary["resumed_from_step"] == newest, (
         summary,
         read(out),

@@ -1,6 +1,7 @@
 """`python -m hvcodistill.sweep --slurm` on the real one-node SLURM of tests/slurm_cluster.py: one
 job array, a task per run, slurm/sweep.sbatch handing each run to slurm/codistill.sbatch; one task
-is preempted (SIGUSR1 to its batch shell), requeued alone, and resumes its run."""
+is preempted (SIGUSR1 to its batch shell), requeued alone, and resumes its run. The cluster is
+the session's (tests/slurm_cluster.py)."""
 
 import json
 import subprocess
@@ -10,12 +11,14 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_slurm import slurm, slurm_cluster  # noqa: F401  (the one-node cluster's fixtures)
+from tests.helpers import ROOT
+from tests.slurm_cluster import Hold
 
 pytestmark = pytest.mark.slurm
 
 ONE_NODE = "--nodes=1 --ntasks-per-node=4 --cpus-per-task=1 --gpus-per-node=0 --time=20"
+STEPS = 60
+HOLD_STEP = 20  # task 0 waits before this step (it has logged step 10) until it is signalled
 
 
 def test_sweep_sbatch_parses_and_requests_requeue():
@@ -25,7 +28,7 @@ def test_sweep_sbatch_parses_and_requests_requeue():
     assert "#SBATCH --requeue" in directives and any("--signal=B:USR1@" in d for d in directives)
 
 
-def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):  # noqa: F811 (fixture)
+def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):
     study = tmp_path / "study.yaml"
     study.write_text(
         textwrap.dedent(f"""\
@@ -34,14 +37,18 @@ def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):  # noqa: F
         ranks: 4
         seeds: [0, 1]
         checkpoint_every: 0
-        overrides: [train.epochs=0, train.steps=600, train.log_every=10, train.progress=false]
+        overrides: [train.epochs=0, train.steps={STEPS}, train.log_every=10, train.progress=false,
+                    run.preempt_check_every=1]
         variants:
           predictions: {{}}
         """)
     )
     study_dir = tmp_path / "runs"
+    runs = [study_dir / "predictions" / f"seed_{s}" for s in (0, 1)]
+    # task 0 cannot finish before it is preempted; task 1 runs through
+    hold = Hold(tmp_path, runs[0], step=HOLD_STEP)
     launcher = "srun" if slurm.mpi_plugins() & {"pmix", "pmi2"} else "mpirun"
-    env = dict(slurm.env, LAUNCHER=launcher, PYTHON=sys.executable)
+    env = dict(slurm.env, LAUNCHER=launcher, **hold.env)
     submit = subprocess.run(
         [
             sys.executable,
@@ -74,7 +81,6 @@ def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):  # noqa: F
     assert busy.returncode == 2 and "still queued or running" in busy.stderr, (
         busy.stdout + busy.stderr
     )
-    runs = [study_dir / "predictions" / f"seed_{s}" for s in (0, 1)]
 
     def read(path):
         return path.read_text(errors="replace") if path.exists() else f"({path} not written)"
@@ -92,6 +98,12 @@ def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):  # noqa: F
         assert time.monotonic() < deadline, f"task 0 did not start training in 180 s\n{logs()}"
         time.sleep(0.2)
     slurm.run(["scancel", "--signal=USR1", "--batch", f"{array}_0"])
+    squeue = ["squeue", "-h", "-j", f"{array}_0", "-o", "%T"]
+    deadline = time.monotonic() + 120
+    while slurm.run(squeue, check=False).stdout.strip() == "RUNNING":  # until it is requeued
+        assert time.monotonic() < deadline, f"task 0 still running 120 s after USR1\n{logs()}"
+        time.sleep(0.5)
+    hold.release()
 
     deadline = time.monotonic() + 300
     while slurm.run(["squeue", "-h", "-j", array], check=False).stdout.strip():
@@ -100,7 +112,8 @@ def test_study_as_a_job_array_with_a_preempted_task(slurm, tmp_path):  # noqa: F
     for run in runs:
         assert (run / "summary.json").exists(), f"{run} has no summary\n{logs()}"
     preempted = json.loads((runs[0] / "summary.json").read_text())
-    assert preempted["steps"] == 600 and 0 < preempted["resumed_from_step"] < 600, logs()
+    resumed = preempted["resumed_from_step"]
+    assert preempted["steps"] == STEPS and 0 < resumed <= HOLD_STEP + 2, logs()
     assert "(exit 75): requeueing job" in read(runs[0] / "run.log"), logs()
     other = json.loads((runs[1] / "summary.json").read_text())
     assert other["resumed_from_step"] == 0 and other["topology"]["n_models"] == 2

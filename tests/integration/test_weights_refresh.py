@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hvcodistill.cluster import EmulatedCluster, cluster_unavailable
-from tests.conftest import MPI_DIR, ROOT
+from tests.helpers import ROOT
+from tests.mpi.checks import ident, result
 
 pytestmark = pytest.mark.mpi
 
@@ -19,14 +20,15 @@ CODISTILL = str(ROOT / "configs" / "digits_codistill.yaml")
 BENCH = str(ROOT / "configs" / "bench_mlp_synthetic.yaml")
 
 
-@pytest.mark.parametrize("np", [4, 6])
-def test_schedule_install_step_and_first_teachers(ranks, np):
+@pytest.mark.parametrize("check", [(4, "refresh"), (6, "refresh")], ids=ident)
+def test_schedule_install_step_and_first_teachers(request, check):
     """Nothing sent in burn-in; teachers taken at t are installed at t + d exactly; the first
-    distillation uses the peers as they were when burn-in ended (check_refresh.py)."""
-    proc = ranks(np, [str(MPI_DIR / "check_refresh.py"), "24", f"codistill.n_models={np // 2}"])
-    assert (
-        "refresh ok" in proc.stdout
-        and "first distillation at step 8 from teachers taken at step 6" in proc.stdout
+    distillation uses the peers as they were when burn-in ended (check_refresh.py, 24 steps:
+    refreshes taken at 6, 10, 14, 18, 22)."""
+    np = check[0]
+    assert result(request, check) == (
+        f"refresh ok: W={np} M={np // 2} k=4 burn_in=6 delay=2: "
+        "first distillation at step 8 from teachers taken at step 6; 5 refreshes"
     )
 
 

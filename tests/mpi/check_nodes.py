@@ -1,4 +1,4 @@
-"""Run with 4 ranks on an emulated cluster of 2 nodes x 2 slots (tests/test_cluster.py).
+"""Run with 4 ranks on an emulated cluster of 2 nodes x 2 slots (tests/integration/test_cluster.py).
 
 Checks that Open MPI sees two nodes: processor names, the shared-memory split {0,1} on node0 and
 {2,3} on node1, Horovod's local ranks and a Horovod sum over the world; then all-reduces 4 MiB with

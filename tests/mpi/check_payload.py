@@ -1,4 +1,4 @@
-"""Prediction payloads under real ranks. argv: trainer_dtype [overrides...]
+"""Prediction payloads under real ranks. Case `payload:TRAINER_DTYPE` of checks.py.
 
 For fp32, fp16 and bf16 on the real peer_comm: the logits a rank receives are exactly its peers'
 rounded to the payload dtype (each peer's logits are regenerated here from its model id), the
@@ -7,11 +7,8 @@ logits, and the bytes received and counted as traffic are (M-1) x (B x C x dtype
 Then the trainer with codistill.payload_dtype=trainer_dtype counts those bytes on every step.
 """
 
-import sys
-
 import torch
 from common import batch, fail, make_trainer
-from mpi4py import MPI
 
 from hvcodistill.comm.exchange import PAYLOAD_DTYPES, PredictionExchange
 from hvcodistill.comm.traffic import Traffic
@@ -19,78 +16,76 @@ from hvcodistill.losses import distillation_distance
 from hvcodistill.training.loop import train_step
 
 SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
-trainer_dtype = sys.argv[1]
 B, STEPS = 16, 5
-tr = make_trainer(
-    [
-        "data.name=digits",
-        "model.name=mlp",
-        "codistill.mode=predictions",
-        "codistill.every=1",
-        "codistill.burn_in_steps=0",
-        f"codistill.payload_dtype={trainer_dtype}",
-        "train.steps=10",
-        f"train.batch_size={B}",
-        *sys.argv[2:],
-    ]
-)
-c, M = tr.comms, tr.comms.topology.n_models
-C = tr.data.num_classes
-peers = [j for j in range(M) if j != c.model_id]
 
 
-def model_logits(m):
-    """What model m 'predicts' here: wide-ranging logits, known to every rank."""
-    return torch.randn(B, C, generator=torch.Generator().manual_seed(1000 + m)) * 8
-
-
-for dtype in PAYLOAD_DTYPES:
-    traffic = Traffic()
-    ex = PredictionExchange(
-        c.peer,
-        c.model_id,
-        every=1,
-        batch_key=tr.plan.key,
-        payload_dtype=dtype,
-        traffic=traffic,
-        peers_by_link=tr.exchange.peers_by_link,
+def run(trainer_dtype, overrides):
+    tr = make_trainer(
+        [
+            "data.name=digits",
+            "model.name=mlp",
+            "codistill.mode=predictions",
+            "codistill.every=1",
+            "codistill.burn_in_steps=0",
+            f"codistill.payload_dtype={trainer_dtype}",
+            "train.steps=10",
+            f"train.batch_size={B}",
+            *overrides,
+        ]
     )
-    own = model_logits(c.model_id)
-    got = ex.teacher_logits(step=0, x=None, logits=own, alpha=1.0)
-    if len(got) != M - 1:
-        fail(f"{dtype}: expected {M - 1} teachers, got {len(got)}")
-    for j, teacher in zip(peers, got):
-        exact = model_logits(j)
-        if teacher.dtype != torch.float32 or not torch.equal(
-            teacher, exact.to(PAYLOAD_DTYPES[dtype]).float()
+    c, M = tr.comms, tr.comms.topology.n_models
+    C = tr.data.num_classes
+    peers = [j for j in range(M) if j != c.model_id]
+
+    def model_logits(m):
+        """What model m 'predicts' here: wide-ranging logits, known to every rank."""
+        return torch.randn(B, C, generator=torch.Generator().manual_seed(1000 + m)) * 8
+
+    for dtype in PAYLOAD_DTYPES:
+        traffic = Traffic()
+        ex = PredictionExchange(
+            c.peer,
+            c.model_id,
+            every=1,
+            batch_key=tr.plan.key,
+            payload_dtype=dtype,
+            traffic=traffic,
+            peers_by_link=tr.exchange.peers_by_link,
+        )
+        own = model_logits(c.model_id)
+        got = ex.teacher_logits(step=0, x=None, logits=own, alpha=1.0)
+        if len(got) != M - 1:
+            fail(f"{dtype}: expected {M - 1} teachers, got {len(got)}")
+        for j, teacher in zip(peers, got):
+            exact = model_logits(j)
+            if teacher.dtype != torch.float32 or not torch.equal(
+                teacher, exact.to(PAYLOAD_DTYPES[dtype]).float()
+            ):
+                fail(
+                    f"{dtype}: logits from model {j} are not its fp32 logits rounded to {dtype}: "
+                    f"max diff {(teacher - exact.to(PAYLOAD_DTYPES[dtype]).float()).abs().max()}"
+                )
+            want = distillation_distance(own, exact, distance="kl", temperature=1.0).item()
+            have = distillation_distance(own, teacher, distance="kl", temperature=1.0).item()
+            if abs(have - want) > 1e-2 * abs(want):
+                fail(f"{dtype}: distillation loss {have} vs {want} with fp32 logits")
+        per_peer = B * C * SIZES[dtype] + 8
+        if (
+            ex.bytes_received != (M - 1) * per_peer
+            or sum(traffic.bytes["exchange"].values()) != (M - 1) * per_peer
         ):
             fail(
-                f"{dtype}: logits from model {j} are not its fp32 logits rounded to {dtype}: "
-                f"max diff {(teacher - exact.to(PAYLOAD_DTYPES[dtype]).float()).abs().max()}"
+                f"{dtype}: received {ex.bytes_received} B, traffic {traffic.bytes['exchange']}, "
+                f"expected {(M - 1) * per_peer} B"
             )
-        want = distillation_distance(own, exact, distance="kl", temperature=1.0).item()
-        have = distillation_distance(own, teacher, distance="kl", temperature=1.0).item()
-        if abs(have - want) > 1e-2 * abs(want):
-            fail(f"{dtype}: distillation loss {have} vs {want} with fp32 logits")
-    per_peer = B * C * SIZES[dtype] + 8
-    if (
-        ex.bytes_received != (M - 1) * per_peer
-        or sum(traffic.bytes["exchange"].values()) != (M - 1) * per_peer
-    ):
+
+    for step in range(STEPS):
+        train_step(tr, step, *batch(tr, step))
+    want = STEPS * (M - 1) * (B * C * SIZES[trainer_dtype] + 8)
+    ex = tr.exchange
+    if ex.bytes_received != want or ex.count != STEPS or not ex.seconds > 0:
         fail(
-            f"{dtype}: received {ex.bytes_received} B, traffic {traffic.bytes['exchange']}, "
-            f"expected {(M - 1) * per_peer} B"
+            f"trainer with {trainer_dtype}: received {ex.bytes_received} B in "
+            f"{ex.count} exchanges ({ex.seconds} s), expected {want} B in {STEPS}"
         )
-
-for step in range(STEPS):
-    train_step(tr, step, *batch(tr, step))
-want = STEPS * (M - 1) * (B * C * SIZES[trainer_dtype] + 8)
-if tr.exchange.bytes_received != want or tr.exchange.count != STEPS or not tr.exchange.seconds > 0:
-    fail(
-        f"trainer with {trainer_dtype}: received {tr.exchange.bytes_received} B in "
-        f"{tr.exchange.count} exchanges ({tr.exchange.seconds} s), expected {want} B in {STEPS}"
-    )
-
-MPI.COMM_WORLD.Barrier()
-if c.world_rank == 0:
-    print(f"payloads ok: W={c.topology.world_size} M={M}, trainer {trainer_dtype}")
+    return f"payloads ok: W={c.topology.world_size} M={M}, trainer {trainer_dtype}"

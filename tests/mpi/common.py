@@ -1,4 +1,5 @@
-"""Helpers for the scripts that tests run under mpirun: build the real trainer from overrides."""
+"""Helpers for the scripts that tests run under mpirun: build the real trainer from overrides, and
+close what a check case opened before the next case of the same job (tests/mpi/checks.py)."""
 
 import atexit
 import hashlib
@@ -13,13 +14,17 @@ from hvcodistill.comm.topology import split_communicators
 from hvcodistill.config import load_config
 from hvcodistill.training.setup import build_trainer, pick_device, prepare
 
+CASE = None  # the check case running now (checks.py sets it): fail() names it
+_opened = []  # the trainers and run dirs of the case running now, closed by close_case()
+
 
 def private_run_dir(world) -> str:
     """A fresh temporary run.dir shared by this job's ranks (never the repository's runs/),
-    removed when rank 0 exits."""
+    removed at the end of the case (close_case) or when rank 0 exits."""
     path = tempfile.mkdtemp(prefix="hvcodistill-mpi-test-") if world.Get_rank() == 0 else None
     if path is not None:
         atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _opened.append(path)
     return world.bcast(path, root=0)
 
 
@@ -36,9 +41,31 @@ def connect(cfg, prepared):
     """The trainer around a prepared model: the split, the data plane, no run.dir checks."""
     comms = split_communicators(MPI.COMM_WORLD, cfg.codistill.n_models)
     device = pick_device(cfg, comms)
-    return build_trainer(
+    tr = build_trainer(
         cfg, comms, make_data_plane("horovod", comms.group, device.type), device, prepared
     )
+    _opened.append(tr)
+    return tr
+
+
+def close_case():
+    """Every rank, at the same point, after a case: a weights refresh still in flight arrives,
+    the logs close, the Horovod data plane shuts down (the next case starts Horovod again on its
+    own group_comm) and the case's run dirs are removed."""
+    world = MPI.COMM_WORLD
+    for item in _opened:
+        if not isinstance(item, str):
+            finish = getattr(item.exchange, "finish", None)
+            if finish is not None:
+                finish()
+            item.logger.close()
+    world.Barrier()
+    for item in _opened:
+        if isinstance(item, str):
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.plane.shutdown()
+    _opened.clear()
 
 
 def batch(tr, step):
@@ -54,5 +81,6 @@ def params_digest(module):
 
 
 def fail(msg):
-    print(f"rank {MPI.COMM_WORLD.Get_rank()}: FAIL: {msg}", file=sys.stderr, flush=True)
+    case = f"{CASE}: " if CASE else ""
+    print(f"rank {MPI.COMM_WORLD.Get_rank()}: FAIL: {case}{msg}", file=sys.stderr, flush=True)
     MPI.COMM_WORLD.Abort(1)

@@ -1,5 +1,6 @@
-"""The benchmark as a user runs it: one line and exit 2 for bad input before any rank starts, and
-a small real run on this host that prints every variant, the reference loop and the ratio."""
+"""The benchmark (bench.py) without ranks: one line and exit 2 for bad input before any rank
+starts, and its table, ratio and crossovers from fabricated runs. A small real run on this host:
+tests/integration/test_bench.py."""
 
 import subprocess
 import sys
@@ -8,17 +9,7 @@ import pytest
 
 from hvcodistill import bench as bench_command
 from hvcodistill.bench import REFERENCE, VARIANTS, crossovers, render, rows_for
-from tests.conftest import ROOT
-
-
-def bench(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "hvcodistill.bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize(
@@ -30,13 +21,35 @@ def bench(*args, timeout=600):
         (["--cluster", "--nodes", "3"], "--nodes"),
     ],
 )
-def test_bad_input_is_one_line_before_any_rank(args, says):
-    proc = bench(*args, timeout=60)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert (
-        says in lines[-1] and "Traceback" not in proc.stderr and "bench: local" not in proc.stderr
+def test_bad_input_is_one_line_before_any_rank(args, says, capsys, monkeypatch):
+    def ranks_started(*args, **kw):
+        raise AssertionError("the benchmark started ranks")
+
+    monkeypatch.setattr(bench_command, "measure", ranks_started)
+    monkeypatch.setattr(bench_command, "bench_cluster", ranks_started)
+    try:
+        code = bench_command.main(args)
+    except SystemExit as e:  # argparse's refusals
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert says in lines[-1] and "Traceback" not in err and "bench: local" not in err
+
+
+def test_bench_missing_config_one_line_before_any_rank():
+    """`python -m hvcodistill.bench` as a user runs it: nothing but the one line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvcodistill.bench", "--config", "/nonexistent.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "hvcodistill.bench: error: config file /nonexistent.yaml not found"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -102,21 +115,3 @@ def test_reference_ratio_is_the_median_of_paired_rounds():
     }
     line = crossovers(rows_for(measured, "local"), ["local"])[0]
     assert "0.950x (median of 3 rounds paired, 0.900-1.000)" in line, line
-
-
-@pytest.mark.mpi
-def test_small_local_bench_prints_every_variant(tmp_path):
-    proc = bench(
-        "--steps",
-        "6",
-        "--repeat",
-        "1",
-        "--json",
-        str(tmp_path / "b.json"),
-        "model.hidden=[64]",
-        "data.synthetic_train_size=1024",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for v in (*VARIANTS, REFERENCE):
-        assert v.name in proc.stdout, proc.stdout
-    assert "plain Horovod loop: " in proc.stdout and (tmp_path / "b.json").is_file()

@@ -1,22 +1,18 @@
-"""Resume and run.dir hardening without MPI: which checkpoint is usable, what resume compares,
-run.dir entries of the wrong kind, the shared-directory markers, the one atomic-write rule."""
+"""Checkpoints (training/checkpoint.py) without MPI: which one is usable, what resume compares,
+what a prune leaves."""
 
 import hashlib
 import json
-import os
-import subprocess
 from types import SimpleNamespace
 
 import pytest
 
-from hvcodistill.comm.exchange import NoExchange, PredictionExchange, WeightExchange, build_exchange
 from hvcodistill.comm.topology import Topology
-from hvcodistill.config import load_config, save_config
+from hvcodistill.config import load_config
 from hvcodistill.errors import ConfigError
-from hvcodistill.files import write_atomic
-from hvcodistill.training import checkpoint, rundir
+from hvcodistill.training import checkpoint
 from hvcodistill.training.setup import resume_settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CONFIG = str(ROOT / "configs" / "digits_codistill.yaml")  # lr_schedule: cosine
 TOPO = Topology(2, 2)
@@ -193,133 +189,3 @@ def test_prune_drops_interrupted_temporary_files(tmp_path):
         "step_000000030.json",
         "step_000000030.pt",
     ]
-
-
-# ---------------------------------------------------------------- run.dir
-@pytest.mark.parametrize(
-    "name,kind",
-    [
-        ("metrics.jsonl", "dir"),
-        ("summary.json", "dir"),
-        ("config.yaml", "dir"),
-        ("model_1.pt", "dir"),
-        ("checkpoints", "file"),
-        ("tb", "file"),
-        ("checkpoints/model_0", "file"),
-        ("tb/model_1", "file"),
-    ],
-)
-def test_run_dir_entries_of_the_wrong_kind(tmp_path, name, kind):
-    p = tmp_path / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.mkdir() if kind == "dir" else p.write_text("x")
-    with pytest.raises(ConfigError, match=f"run.dir entry {p} should be"):
-        rundir.check_entries(tmp_path, 2)
-
-
-def test_run_dir_itself_a_file(tmp_path):
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(ConfigError, match="is a file"):
-        rundir.check_entries(tmp_path / "f", 2)
-    rundir.check_entries(tmp_path / "absent", 2)
-
-
-def test_markers_seen_and_missing(tmp_path):
-    a = rundir.leave_marker(tmp_path, 0, "node-a", "tok")
-    rundir.check_markers(tmp_path, {0: "node-a"}, "tok", "node-a")
-    with pytest.raises(
-        ConfigError, match=r"not one directory shared.*on node-a.*model 1.*on node-b"
-    ):
-        rundir.check_markers(tmp_path, {0: "node-a", 1: "node-b"}, "tok", "node-a")
-    # a mark left by an earlier run (another token) does not count
-    rundir.leave_marker(tmp_path, 1, "node-b", "old")
-    with pytest.raises(ConfigError):
-        rundir.check_markers(tmp_path, {0: "node-a", 1: "node-b"}, "tok", "node-a")
-    rundir.remove_marker(a, tmp_path, last=False)
-    (tmp_path / rundir.MARKERS / "model_1.node-b.old").unlink()
-    rundir.remove_marker(None, tmp_path, last=True)
-    assert list(tmp_path.iterdir()) == []
-
-
-# ---------------------------------------------------------------- one atomic-write rule
-def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
-    p = tmp_path / "a.json"
-    write_atomic(p, b"one")
-    write_atomic(p, b"two")
-    assert p.read_bytes() == b"two" and [q.name for q in tmp_path.iterdir()] == ["a.json"]
-
-
-def test_atomic_write_that_fails_leaves_nothing(tmp_path):
-    (tmp_path / "summary.json").mkdir()  # os.replace onto a directory fails
-    with pytest.raises(OSError):
-        write_atomic(tmp_path / "summary.json", b"{}")
-    assert [q.name for q in tmp_path.iterdir()] == ["summary.json"]
-
-
-def test_config_summary_and_metrics_use_the_atomic_rule(tmp_path, monkeypatch):
-    from hvcodistill import config as config_module
-    from hvcodistill import files
-    from hvcodistill.training import metrics
-
-    calls = []
-    real = files.write_atomic
-
-    def spy(path, data):
-        calls.append(path.name)
-        real(path, data)
-
-    monkeypatch.setattr(files, "write_atomic", spy)
-    monkeypatch.setattr(metrics, "write_atomic", spy)
-    monkeypatch.setattr(checkpoint, "write_atomic", spy)
-    monkeypatch.setattr(config_module, "write_atomic", spy)
-    save_config(cfg_with(), tmp_path / "config.yaml")
-    metrics.write_json_atomic(tmp_path / "summary.json", {"a": 1})
-    assert calls == ["config.yaml", "summary.json"]
-
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-@needs_root
-def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
-    try:
-        write_atomic(disk / "c.pt", b"old")
-        with pytest.raises(OSError) as e:
-            write_atomic(disk / "c.pt", b"x" * 200_000)
-        assert e.value.errno == 28  # ENOSPC
-        assert (disk / "c.pt").read_bytes() == b"old" and [q.name for q in disk.iterdir()] == [
-            "c.pt"
-        ]
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
-
-
-# ---------------------------------------------------------------- the exchange, via its state dicts
-def test_the_no_exchange_case_is_named():
-    one_model = SimpleNamespace(topology=Topology(1, 1))
-    ex = build_exchange(cfg_with().codistill, comms=one_model, model=None, batch_key=None)
-    assert (
-        type(ex) is NoExchange and ex.teacher_logits(step=0, x=None, logits=None, alpha=1.0) == []
-    )
-    assert ex.group_state_dict() == {}
-    no_alpha = cfg_with(
-        "codistill.mode=weights", "codistill.alpha=0", "codistill.every=2"
-    ).codistill
-    assert (
-        type(
-            build_exchange(
-                no_alpha, comms=SimpleNamespace(topology=TOPO), model=None, batch_key=None
-            )
-        )
-        is NoExchange
-    )
-    assert not issubclass(PredictionExchange, NoExchange) and not issubclass(
-        WeightExchange, NoExchange
-    )
-    # what the exchanges that send share stays on the base class
-    assert "_allgather_bytes" not in vars(NoExchange) and hasattr(
-        PredictionExchange, "_allgather_bytes"
-    )

@@ -1,16 +1,27 @@
+"""The configuration (config.py): files and overrides, types, choices, ranges and limits, each bad
+value one line naming the key; run.dir values; checks against the data at start."""
+
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from hvcodistill.config import CHOICES, Config, check_against_data, load_config, start_warnings
+from hvcodistill.config import (
+    CHOICES,
+    MAX_SEED,
+    MAX_WORKERS,
+    Config,
+    check_against_data,
+    load_config,
+    start_warnings,
+)
+from hvcodistill.data import BatchPlan
 from hvcodistill.errors import ConfigError
-from hvcodistill.training import rundir
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 def _err(path=None, overrides=()):
@@ -190,6 +201,99 @@ def test_amp_no_says_what_yaml_read(tmp_path):
     assert load_config(None, ["train.steps=5", "train.amp='bf16'"]).train.amp == "bf16"
 
 
+# ----------------------------------------------------------------------------- values and limits
+@pytest.mark.parametrize(
+    "item,key",
+    [
+        ("optim.lr_milestones=[1,a]", "optim.lr_milestones"),
+        ("optim.lr_milestones=[.nan]", "optim.lr_milestones"),
+        ("optim.lr_milestones=[true]", "optim.lr_milestones"),
+        ("optim.wd_milestones=[.inf]", "optim.wd_milestones"),
+        ("train.seed=100000000000000000000000", "train.seed"),
+        ("train.seed=-1", "train.seed"),
+        ("model.init_seed=9223372036854775808", "model.init_seed"),
+        ("model.hidden=[true]", "model.hidden"),
+        ("model.hidden=[64,.inf]", "model.hidden"),
+        ("data.synthetic_shape=[3,false]", "data.synthetic_shape"),
+        ("data.workers=100000000", "data.workers"),
+        ("optim.lr=1" + "0" * 400, "optim.lr"),  # an int too large for a float
+        ("optim.momentum=.nan", "optim.momentum"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_key(item, key):
+    assert key in _err(overrides=["train.steps=5", item])
+
+
+def test_non_finite_weight_decay_value_is_refused():
+    # lr=.inf was refused, wd_values=[.inf] trained to a NaN loss: one rule for every number now
+    assert "optim.wd_values" in _err(
+        overrides=["train.steps=5", "optim.wd_milestones=[1]", "optim.wd_values=[.inf]"]
+    )
+    assert "optim.wd_values" in _err(
+        overrides=["train.steps=5", "optim.wd_milestones=[1]", "optim.wd_values=[.nan]"]
+    )
+    assert "optim.lr" in _err(overrides=["train.steps=5", "optim.lr=.inf"])
+
+
+def test_values_at_the_limits_are_taken():
+    cfg = load_config(
+        None,
+        [
+            "train.steps=5",
+            f"train.seed={MAX_SEED}",
+            f"data.workers={MAX_WORKERS}",
+            "optim.lr_milestones=[0.5, 2]",
+            "optim.wd_milestones=[1]",
+            "optim.wd_values=[1e-5]",
+            "model.hidden=[64, 32]",
+        ],
+    )
+    assert cfg.train.seed == MAX_SEED and cfg.data.workers == MAX_WORKERS
+    assert (
+        cfg.optim.lr_milestones == [0.5, 2] and type(cfg.optim.lr_milestones[1]) is int
+    )  # steps stay ints
+    assert cfg.optim.wd_values == [1e-5] and cfg.model.hidden == [64, 32]
+    # the largest seed gives a valid data order (the plan's seed product is taken modulo 2**64)
+    plan = BatchPlan(
+        n_samples=10,
+        batch_size=2,
+        group_size=1,
+        group_rank=0,
+        n_models=1,
+        model_id=0,
+        order="shared",
+        seed=MAX_SEED,
+    )
+    assert len(plan.key(0)[1]) == 2
+
+
+def test_seed_limit_is_what_torch_takes():
+    torch.Generator().manual_seed(MAX_SEED + 8)  # + model id: still taken
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.Generator().manual_seed(2**64)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=transformer_lm"], "does not fit data.name=digits"),
+        (["data.name=text"], "model.name=mlp does not fit data.name=text"),
+        (
+            ["data.name=text", "model.name=transformer_lm", "model.width=30", "model.heads=4"],
+            "multiple of model.heads",
+        ),
+        (
+            ["data.name=text", "model.name=transformer_lm", "model.context=0"],
+            "model.context must be >= 1",
+        ),
+        (["codistill.topk=-1"], "codistill.topk must be >= 0"),
+    ],
+)
+def test_language_model_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["train.steps=10", *overrides])
+
+
 # ----------------------------------------------------------------------------- null means unset
 def test_null_epochs_or_steps_means_unset(tmp_path):
     cfg = load_config(None, ["train.steps=5", "train.epochs=null"])
@@ -239,6 +343,18 @@ def test_shipped_config_by_name(tmp_path, monkeypatch):
     assert "config file no_such_config not found" in _err("no_such_config")
 
 
+def test_non_utf8_config_file_names_the_file(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("train:\n  steps: 5\n# caf\xe9\n".encode("latin-1"))
+    msg = _err(p)
+    assert str(p) in msg and "UTF-8" in msg
+
+
+def test_config_path_that_is_a_directory_says_so(tmp_path):
+    msg = _err(tmp_path)
+    assert str(tmp_path) in msg and "directory" in msg and "not found" not in msg
+
+
 # ----------------------------------------------------------------------------- run.dir
 @pytest.mark.parametrize("value", ["", "' '"])
 def test_empty_run_dir_is_refused(value):
@@ -253,57 +369,6 @@ def test_run_dir_name_too_long_is_refused(tmp_path):
     for part, size in (("x" * (limit + 1), limit + 1), ("é" * limit, 2 * limit)):
         msg = _err(overrides=["train.steps=5", f"run.dir={tmp_path / part / 'run'}"])
         assert msg.startswith("config key run.dir:") and f"is {size} bytes long" in msg, msg
-
-
-HOLD = """
-import sys, time
-from pathlib import Path
-from hvcodistill.training.rundir import lock
-held = lock(Path(sys.argv[1]))
-print("held", flush=True)
-time.sleep(120)
-"""
-
-
-def test_run_dir_lock_refuses_a_second_job(tmp_path):
-    run_dir = tmp_path / "a" / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ConfigError) as e:
-            rundir.lock(run_dir)
-        msg = str(e.value)
-        assert msg.startswith(
-            f"run.dir {run_dir} is in use by another job "
-            f"(pid {holder.pid} on host {socket.gethostname()})"
-        ), msg
-        assert "\n" not in msg
-        rundir.check_entries(run_dir, 2)  # the lock file is no entry of the wrong kind
-    finally:
-        holder.kill()
-        holder.wait()
-    held = rundir.lock(run_dir)  # the holder is gone: its lock went with it
-    assert held.held and (run_dir / rundir.LOCK).read_text().split()[0] == str(os.getpid())
-    held.release()
-    assert not (run_dir / rundir.LOCK).exists() and run_dir.is_dir()
-
-
-def test_run_dir_lock_in_one_process(tmp_path):
-    run_dir = tmp_path / "run"
-    held = rundir.lock(run_dir)
-    with pytest.raises(ConfigError, match=f"pid {os.getpid()} "):
-        rundir.lock(run_dir)
-    held.release()
-    held.release()  # twice is harmless
-    assert not run_dir.exists()  # created by the lock, empty: left as it was
-    (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match="is a file, not a directory"):
-        rundir.lock(tmp_path / "file")
-    again = rundir.lock(tmp_path)  # an existing run.dir stays
-    again.release()
-    assert tmp_path.is_dir()
 
 
 # ---------------------------------------------------------------------- after the data, at start

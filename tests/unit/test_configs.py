@@ -1,14 +1,17 @@
-"""The shipped ImageNet configs encode the paper's recipe (Sodhani et al. 2021, Table/Sec. 4)."""
+"""The shipped configs: the ImageNet ones encode the paper's recipe (Sodhani et al. 2021,
+Table/Sec. 4) and ask for CUDA; the GPT-2 small one is GPT-2 small."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from hvcodistill.comm.topology import Topology
 from hvcodistill.config import load_config
+from hvcodistill.models import build_model
 from hvcodistill.optim import build_schedules
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 IMAGENET_TRAIN = 1_281_167
 
 
@@ -55,3 +58,31 @@ def test_predictions_variant_shares_the_schedule():
     b = load_config(str(CONFIGS / "imagenet_resnet50_codistill_predictions.yaml"))
     assert b.codistill.mode == "predictions" and b.data.order == "shared"
     assert a.optim == b.optim and a.train == b.train
+
+
+def test_gpt2_small_recipe_is_gpt2_small():
+    """configs/lm_gpt2_small_codistill.yaml builds GPT-2 small (124 M parameters with the
+    50257-token vocabulary, tied embeddings), in bf16, weights mode with a burn-in, for 16 GPUs."""
+    cfg = load_config(str(CONFIGS / "lm_gpt2_small_codistill.yaml"))
+    with torch.device("meta"):
+        model = build_model(
+            cfg.model.name,
+            input_shape=(cfg.model.context,),
+            num_classes=50257,
+            layers=cfg.model.layers,
+            heads=cfg.model.heads,
+            width=cfg.model.width,
+        )
+    n = sum(p.numel() for p in model.parameters())
+    assert 124_000_000 < n < 125_000_000, n
+    assert (
+        cfg.train.amp == "bf16"
+        and cfg.codistill.mode == "weights"
+        and cfg.codistill.burn_in_steps > 0
+    )
+    assert cfg.train.device == "cuda" and cfg.data.name == "tokens"
+
+
+def test_imagenet_configs_ask_for_cuda():
+    for path in sorted(CONFIGS.glob("imagenet*.yaml")):
+        assert load_config(str(path)).train.device == "cuda", path.name

@@ -1,6 +1,9 @@
-"""Datasets: fixed splits, validation errors naming the file/key, and batches that are a pure
-function of (seed, epoch, indices), also through a multi-worker DataLoader."""
+"""Datasets (data/datasets.py): fixed splits, bad files refused with one line naming the file and
+the key (at load, or at first use for an image that is no image), and batches that are a pure
+function of (seed, epoch, indices), also through a multi-worker DataLoader; MNIST-1D generated
+once, cached for all ranks."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -10,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import hvcodistill.data.datasets as datasets
 from hvcodistill.data import DATA_NAMES, build_datasets
 from hvcodistill.data.datasets import _digits_arrays
 from hvcodistill.errors import ConfigError
@@ -91,6 +95,58 @@ def test_npz_errors_name_file_and_key(tmp_path):
     _write_npz(tmp_path / "d.npz", y_val=np.array([0, -1, 1]))
     with pytest.raises(ConfigError, match="d.npz.*'y_val'.*non-negative"):
         build_datasets("npz", path=str(tmp_path / "d.npz"))
+
+
+def _npz_at(path, **overrides) -> str:
+    _write_npz(path, **overrides)
+    return str(path)
+
+
+def _npz_err(path) -> str:
+    with pytest.raises(ConfigError) as e:
+        build_datasets("npz", path=path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "array,value", [("x_train", np.nan), ("x_val", np.inf), ("x_train", -np.inf)]
+)
+def test_npz_non_finite_inputs_name_file_and_array(tmp_path, array, value):
+    x = np.random.default_rng(1).normal(size=(6, 2, 5) if array == "x_train" else (3, 2, 5))
+    x[1, 0, 3] = value
+    path = _npz_at(tmp_path / "d.npz", **{array: x})
+    msg = _npz_err(path)
+    assert path in msg and f"'{array}'" in msg and "non-finite" in msg and "(1, 0, 3)" in msg
+
+
+def test_npz_labels_outside_the_class_range(tmp_path):
+    path = _npz_at(tmp_path / "d.npz", num_classes=np.array(3), y_val=np.array([0, 3, 1]))
+    msg = _npz_err(path)
+    assert path in msg and "'y_val'" in msg and "[0, 3)" in msg
+    assert (
+        build_datasets(
+            "npz", path=_npz_at(tmp_path / "ok.npz", num_classes=np.array(5))
+        ).num_classes
+        == 5
+    )
+    assert "'num_classes'" in _npz_err(_npz_at(tmp_path / "n.npz", num_classes=np.array([3, 4])))
+    assert "'y_train'" in _npz_err(
+        _npz_at(tmp_path / "i.npz", y_train=np.array([0, 1, np.inf, 0, 1, 2]))
+    )
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_npz_empty_split(tmp_path, split):
+    path = _npz_at(
+        tmp_path / "d.npz", **{f"x_{split}": np.zeros((0, 2, 5)), f"y_{split}": np.zeros(0)}
+    )
+    assert f"'x_{split}'" in _npz_err(path) and "N > 0" in _npz_err(path)
+
+
+def test_npz_path_that_is_a_directory_says_so(tmp_path):
+    msg = _npz_err(str(tmp_path))
+    assert "directory" in msg and "not found" not in msg
 
 
 def test_unknown_name_and_missing_folders(tmp_path):
@@ -182,6 +238,45 @@ def test_imagefolder_class_mismatch(image_folder):
         build_datasets("imagenet", path=str(image_folder))
 
 
+@pytest.fixture
+def image_folder_with_a_bad_file(tmp_path):
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            pixels = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / label / "0.png")
+    bad = root / "train" / "dog" / "0.png"
+    bad.write_text("this is not a PNG\n")
+    return root, bad
+
+
+def test_image_that_is_not_an_image_names_the_file(image_folder_with_a_bad_file):
+    root, bad = image_folder_with_a_bad_file
+    spec = build_datasets("imagenet", path=str(root), seed=0)  # the layout is fine: lazy set
+    assert spec.train[(0, [0])][0].shape == (1, 3, 224, 224)  # the good image
+    with pytest.raises(ConfigError) as e:
+        spec.train[(0, [0, 1])]
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_messages_name_keys_that_exist(tmp_path):
+    for synthetic, key in (
+        ({"shape": [3, 0]}, "data.synthetic_shape"),
+        ({"num_classes": 1}, "data.synthetic_classes"),
+        ({"train_size": 0}, "data.synthetic_train_size"),
+        ({"val_size": 0}, "data.synthetic_val_size"),
+        ({"shape": [1, 2], "num_classes": 3}, "data.synthetic_shape"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            build_datasets("synthetic", synthetic=synthetic)
+        assert key in str(e.value) and "data.synthetic." not in str(e.value), str(e.value)
+    (tmp_path / "cifar-10-batches-py").mkdir()  # there, but not the data set
+    with pytest.raises(ConfigError) as e:
+        build_datasets("cifar10", path=str(tmp_path))
+    assert "cifar-10-batches-py" in str(e.value) and "download" not in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("name", ["synthetic", "imagenet"])
 def test_dataloader_workers_match_direct_indexing(name, image_folder):
     spec = build_datasets(name, path=str(image_folder), seed=5, augment=True, synthetic=SMALL)
@@ -202,3 +297,54 @@ def test_dataloader_workers_match_direct_indexing(name, image_folder):
     for key, (x, y) in zip(keys, batches):
         direct_x, direct_y = spec.train[key]
         assert torch.equal(x, direct_x) and torch.equal(y, direct_y)
+
+
+# ---------------------------------------------------------------- MNIST-1D
+needs_mnist1d = pytest.mark.skipif(
+    importlib.util.find_spec("mnist1d") is None, reason="the mnist1d package is not installed"
+)
+
+
+@needs_mnist1d
+def test_the_canonical_set_generated_once_then_read(tmp_path, monkeypatch):
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    spec = build_datasets("mnist1d", path=str(tmp_path), seed=5)
+    assert np.random.random() == before, "generating must leave the caller's numpy generator alone"
+    assert (len(spec.train), len(spec.val), spec.input_shape, spec.num_classes) == (
+        4000,
+        1000,
+        (1, 40),
+        10,
+    )
+    x, y = spec.train[(0, torch.arange(4000))]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and set(y.tolist()) == set(range(10))
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+    cached = list(tmp_path.glob("mnist1d-*.npz"))
+    assert len(cached) == 1 and not list(tmp_path.glob("*.tmp*"))
+
+    def no_generation():
+        raise AssertionError("regenerated although the cache holds the set")
+
+    monkeypatch.setattr(datasets, "_generate_mnist1d", no_generation)
+    again = build_datasets("mnist1d", path=str(tmp_path), seed=6)  # the split ignores the run seed
+    assert torch.equal(again.val.x, spec.val.x) and torch.equal(again.train.y, spec.train.y)
+
+
+@needs_mnist1d
+def test_ranks_starting_together_read_one_whole_file(tmp_path):
+    code = (
+        "import sys, hashlib; from hvcodistill.data import build_datasets; "
+        "s = build_datasets('mnist1d', path=sys.argv[1]); "
+        "print(hashlib.sha256(s.train.x.numpy().tobytes() + s.val.y.numpy().tobytes()).hexdigest())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    digests = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(digests) == 1
+    assert len(list(tmp_path.glob("mnist1d-*.npz"))) == 1 and not list(tmp_path.glob("*.tmp*"))

@@ -1,11 +1,31 @@
-"""Prediction payloads (codistill.payload_dtype), packed and unpacked without MPI."""
+"""The exchanges (comm/exchange.py) without MPI: prediction payloads (codistill.payload_dtype and
+top-k) packed and unpacked, and which exchange a config builds."""
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from hvcodistill.comm.exchange import PAYLOAD_DTYPES, pack_logits, payload_checksum, unpack_logits
+from hvcodistill.comm.exchange import (
+    PAYLOAD_DTYPES,
+    NoExchange,
+    PredictionExchange,
+    WeightExchange,
+    build_exchange,
+    pack_logits,
+    pack_topk,
+    payload_checksum,
+    unpack_logits,
+    unpack_topk,
+)
+from hvcodistill.comm.topk import topk_payload, topk_teacher_logits
+from hvcodistill.comm.topology import Topology
+from hvcodistill.config import load_config
 from hvcodistill.losses import distillation_distance
+from tests.helpers import ROOT
+
+CONFIG = str(ROOT / "configs" / "digits_codistill.yaml")
 
 SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -49,3 +69,46 @@ def test_bf16_autocast_logits_travel_exactly_as_bf16():
     x = logits().to(torch.bfloat16)
     got = unpack_logits(pack_logits(x, "bf16", 0), "bf16", x.shape, torch.device("cpu"))
     assert torch.equal(got, x.float())
+
+
+def test_top_k_payload_round_trip_through_the_exchange_packing():
+    """What a peer unpacks from a top-k payload row is the rebuilt teacher, checksum intact."""
+    torch.manual_seed(4)
+    logits = torch.randn(3, 5, 50)
+    row = pack_topk(logits, 8, "fp16", checksum=0xDEADBEEF)
+    assert row.nbytes == 3 * 5 * 8 * (2 + 4) + 8
+    assert payload_checksum(row) == 0xDEADBEEF
+    got = unpack_topk(row, 8, "fp16", logits.shape, torch.device("cpu"))
+    expected = topk_teacher_logits(*topk_payload(logits, 8, torch.float16), 50)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def cfg_with(*overrides):
+    return load_config(CONFIG, list(overrides))
+
+
+def test_the_no_exchange_case_is_named():
+    one_model = SimpleNamespace(topology=Topology(1, 1))
+    ex = build_exchange(cfg_with().codistill, comms=one_model, model=None, batch_key=None)
+    assert (
+        type(ex) is NoExchange and ex.teacher_logits(step=0, x=None, logits=None, alpha=1.0) == []
+    )
+    assert ex.group_state_dict() == {}
+    no_alpha = cfg_with(
+        "codistill.mode=weights", "codistill.alpha=0", "codistill.every=2"
+    ).codistill
+    assert (
+        type(
+            build_exchange(
+                no_alpha, comms=SimpleNamespace(topology=Topology(2, 2)), model=None, batch_key=None
+            )
+        )
+        is NoExchange
+    )
+    assert not issubclass(PredictionExchange, NoExchange) and not issubclass(
+        WeightExchange, NoExchange
+    )
+    # what the exchanges that send share stays on the base class
+    assert "_allgather_bytes" not in vars(NoExchange) and hasattr(
+        PredictionExchange, "_allgather_bytes"
+    )

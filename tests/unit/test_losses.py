@@ -1,3 +1,5 @@
+"""The losses (losses.py): distances by hand, per-token losses, alpha and its burn-in."""
+
 import math
 
 import pytest
@@ -110,3 +112,32 @@ def test_unknown_distance_raises():
 def test_alpha_at_burn_in():
     assert [alpha_at(s, alpha=0.5, burn_in_steps=3) for s in range(5)] == [0.0, 0.0, 0.0, 0.5, 0.5]
     assert alpha_at(0, alpha=0.7, burn_in_steps=0) == 0.7
+
+
+def test_per_token_kl_matches_a_hand_computation():
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    temperature = 2.0
+    expected = 0.0
+    for b in range(2):
+        for i in range(3):
+            p = [math.exp(v / temperature) for v in t[b, i].tolist()]
+            q = [math.exp(v / temperature) for v in s[b, i].tolist()]
+            p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+            expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected = expected / 6 * temperature**2
+    got = distillation_distance(s, t, distance="kl", temperature=temperature)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_per_token_task_loss_is_next_token_cross_entropy():
+    torch.manual_seed(2)
+    logits, targets = torch.randn(2, 4, 7), torch.randint(7, (2, 4))
+    loss, parts = codistillation_loss(
+        logits=logits, targets=targets, teacher_logits=[], alpha=1.0, distance="kl"
+    )
+    manual = (
+        -sum(F.log_softmax(logits[b, i], -1)[targets[b, i]] for b in range(2) for i in range(4)) / 8
+    )
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
+    assert parts["distill_loss"].item() == 0

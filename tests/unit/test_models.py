@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from hvcodistill.config import load_config
 from hvcodistill.errors import ConfigError
 from hvcodistill.models import MODEL_NAMES, build_model
 
@@ -21,7 +22,7 @@ CASES = [
 
 
 def test_every_name_is_covered():
-    # transformer_lm maps token windows to (N, T, V) logits: tests/test_lm.py covers it
+    # transformer_lm maps token windows to (N, T, V) logits: test_transformer.py covers it
     assert {name for name, _, _ in CASES} | {"transformer_lm"} == set(MODEL_NAMES)
 
 
@@ -64,3 +65,19 @@ def test_unknown_name():
 def test_image_models_need_chw():
     with pytest.raises(ConfigError, match="model.name"):
         build_model("cnn", input_shape=(64,), num_classes=10)
+
+
+def test_dropout_option_and_its_range():
+    m = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=[16, 8], dropout=0.5)
+    assert [type(layer).__name__ for layer in m].count("Dropout") == 2
+    plain = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=[16, 8])
+    assert "Dropout" not in [type(layer).__name__ for layer in plain]
+    assert load_config(None, ["model.dropout=0.3", "train.steps=1"]).model.dropout == 0.3
+    for bad in (
+        ["model.dropout=1"],
+        ["model.dropout=-0.1"],
+        ["model.dropout=.nan"],
+        ["model.dropout=0.2", "model.name=cnn"],
+    ):
+        with pytest.raises(ConfigError, match="model.dropout"):
+            load_config(None, [*bad, "train.steps=1"])

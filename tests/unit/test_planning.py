@@ -24,7 +24,7 @@ from hvcodistill.planning import (
     predict,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MB = 1e6
 GBIT = 1.25e8  # bytes/s in 1 Gbit/s
 

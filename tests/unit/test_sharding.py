@@ -1,7 +1,12 @@
+"""Batch plans (data/sharding.py): who reads which samples at which step, and the batch
+checksum and content digest that peers compare."""
+
+import math
+
 import pytest
 import torch
 
-from hvcodistill.data.sharding import BatchPlan, batch_checksum
+from hvcodistill.data.sharding import BatchPlan, batch_checksum, content_digest
 from hvcodistill.errors import ConfigError
 
 N, B, G = 103, 4, 3  # 103 // 12 = 8 steps per epoch, 7 samples dropped
@@ -109,3 +114,43 @@ def test_keys_are_copies_not_views_of_the_epoch_order():
     _, first = plan.key(0)
     first.fill_(-1)
     assert (plan.key(0)[1] >= 0).all()
+
+
+def batch(seed=0, n=8, shape=(1, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(10, (n,), generator=g)
+
+
+def test_batch_checksum_covers_content_delivered_under_one_plan():
+    x, y = batch()
+    idx = torch.arange(8)
+    same = batch_checksum(0, idx, x=x.clone(), y=y.clone())
+    assert same == batch_checksum(0, idx, x=x, y=y)
+    one_ulp = x.clone()
+    one_ulp.view(-1)[17] = torch.nextafter(one_ulp.view(-1)[17], torch.tensor(math.inf))
+    label = y.clone()
+    label[3] = (label[3] + 1) % 10
+    swapped_samples = x[[1, 0, *range(2, 8)]]
+    swapped_values = x.clone().view(8, -1)
+    swapped_values[0, [0, 1]] = swapped_values[0, [1, 0]]
+    variants = [(one_ulp, y), (x, label), (swapped_samples, y), (swapped_values.view_as(x), y)]
+    sums = {batch_checksum(0, idx, x=a, y=b) for a, b in variants}
+    assert same not in sums and len(sums) == len(variants)
+
+
+def test_content_digest_is_exact_whatever_the_threads_and_dtype():
+    x, y = batch(n=16, shape=(3, 32, 32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = content_digest(x, y)
+        torch.set_num_threads(max(2, threads))
+        assert content_digest(x, y) == one
+    finally:
+        torch.set_num_threads(threads)
+    assert len(one) == 16 * 16  # one int64 per sample and per label
+    for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int64):
+        assert content_digest(x.to(dtype), y) == content_digest(x.to(dtype).clone(), y)
+    # large samples: the weights shrink so that the int64 sums cannot overflow
+    big = torch.full((2, 3, 224, 224), -float("nan"))
+    assert content_digest(big, torch.zeros(2)) == content_digest(big.clone(), torch.zeros(2))

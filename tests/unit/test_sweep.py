@@ -1,5 +1,5 @@
 """The sweep without MPI: a study file expanded into runs, and which runs a sweep starts, skips or
-resumes (a fake launcher stands in for mpirun; tests/test_sweep_mpi.py runs the real thing)."""
+resumes (a fake launcher stands in for mpirun; integration/test_studies.py runs the real one)."""
 
 import json
 import textwrap
@@ -10,7 +10,7 @@ from hvcodistill import sweep
 from hvcodistill.errors import EXIT_FAILED, ConfigError
 from hvcodistill.studies import runner
 from hvcodistill.studies.spec import load_study, run_state, select_runs
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DIGITS = str(ROOT / "configs" / "digits_codistill.yaml")
 

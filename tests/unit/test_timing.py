@@ -1,12 +1,9 @@
-"""The loop's Timer and the preemption checks' cadence, without MPI."""
+"""The loop's Timer, on a fake clock: its laps partition the loop and take out the waits."""
 
-import signal
 import time
 
-import numpy as np
 import pytest
 
-from hvcodistill.comm.preemption import PreemptionGuard
 from hvcodistill.training.timing import Timer
 
 
@@ -14,25 +11,30 @@ class FakeExchange:
     seconds = 0.0
 
 
-def test_laps_partition_the_loop_and_take_out_the_waits():
-    timer, exchange = Timer(), FakeExchange()
+def test_laps_partition_the_loop_and_take_out_the_waits(monkeypatch):
+    clock = [100.0]  # time.perf_counter, advanced by the test: no real sleep, no race
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    timer, exchange = Timer(started=clock[0], wall_before=1.0), FakeExchange()
     timer.start(exchange)
-    time.sleep(0.02)
+    clock[0] += 0.02
     timer.lap("data_s")
-    time.sleep(0.01)
+    clock[0] += 0.01
     timer.allreduce_s += 0.004  # what train_step timed inside the lap
     exchange.seconds += 0.003  # what the exchange timed inside the lap
     timer.lap("compute_s")
-    time.sleep(0.01)
+    clock[0] += 0.01
     exchange.seconds += 0.002  # an exchange outside train_step still counts as exchange
     timer.lap("other_s")
-    time.sleep(0.03)
+    clock[0] += 0.03
     timer.lap("eval_s")
     assert sum(getattr(timer, k) for k in Timer.PARTS) == pytest.approx(timer.loop_s, rel=1e-12)
-    assert timer.exchange_s == pytest.approx(0.005)
-    assert timer.data_s >= 0.02 and timer.eval_s >= 0.03
-    assert 0.01 - 0.007 <= timer.compute_s < 0.01  # its lap less the two waits
-    assert timer.loop_s >= 0.07
+    assert timer.exchange_s == pytest.approx(0.005) and timer.allreduce_s == pytest.approx(0.004)
+    assert timer.data_s == pytest.approx(0.02) and timer.eval_s == pytest.approx(0.03)
+    assert timer.compute_s == pytest.approx(0.01 - 0.004 - 0.003)  # its lap less the two waits
+    assert timer.other_s == pytest.approx(0.01 - 0.002)
+    assert timer.loop_s == pytest.approx(0.07) and timer.checkpoint_s == 0.0
+    assert timer.segment_seconds() == pytest.approx(0.07)
+    assert timer.wall_seconds() == pytest.approx(1.07)  # earlier segments' time added
 
 
 def test_state_round_trip_and_a_state_without_a_part_is_refused():
@@ -48,11 +50,14 @@ def test_state_round_trip_and_a_state_without_a_part_is_refused():
         wall_s=5.0,
     )
     timer.start(FakeExchange())  # private lap state stays out of the checkpoint
+    timer.stop()  # the loop's CPU time is counted from start() to stop()
+    assert timer.cpu_s >= 0 and timer.cpu_seconds() == timer.cpu_s
     other = Timer()
     other.load_state_dict(timer.state_dict())
     assert other.state_dict() == timer.state_dict() and set(timer.state_dict()) == {
         *Timer.PARTS,
         "loop_s",
+        "cpu_s",
         "wall_s",
     }
     assert other.wall_before == 5.0  # a resumed run's wall time counts from the saved one
@@ -60,86 +65,3 @@ def test_state_round_trip_and_a_state_without_a_part_is_refused():
         Timer().load_state_dict(
             {"compute_s": 6.0, "allreduce_s": 3.0, "loop_s": 10.0, "wall_s": 12.0}
         )
-
-
-class FakeRequest:
-    def __init__(self, send, recv, others):
-        self.result, self.recv = np.maximum(send, others), recv  # every rank's post, at post time
-
-    def Wait(self):
-        self.recv[:] = self.result
-
-
-class FakeWorld:
-    """One rank's view of a world whose other ranks post `others` (signal, seconds per step,
-    non-finite), the guard's message."""
-
-    def __init__(self):
-        self.others = np.zeros(3)
-        self.posted = []
-
-    def Iallreduce(self, send, recv, op):
-        self.posted.append(len(self.posted))
-        return FakeRequest(send, recv, self.others)
-
-
-def checks(guard, steps, on_step=None):
-    """Steps at which the guard posted a check, and the step it stopped at (None)."""
-    at = []
-    for step in range(1, steps + 1):
-        before = len(guard.world.posted)
-        if on_step:
-            on_step(step)
-        if guard.should_stop(step):
-            return at, step
-        if len(guard.world.posted) > before:
-            at.append(step)
-    return at, None
-
-
-def test_fixed_cadence_and_a_signal_on_another_rank_stops_within_two_checks():
-    guard = PreemptionGuard(FakeWorld(), every=5)
-    try:
-
-        def signal_elsewhere(step):
-            if step == 13:
-                guard.world.others[0] = signal.SIGUSR1
-
-        at, stopped = checks(guard, 100, signal_elsewhere)
-        # posted at 1, 6, 11, 16; the signal is in the one posted at 16, read at 21
-        assert at == [1, 6, 11, 16] and stopped == 21 and guard.signal_name() == "SIGUSR1"
-    finally:
-        guard.close()
-
-
-def test_auto_cadence_follows_the_slowest_ranks_step_time(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-    guard = PreemptionGuard(FakeWorld(), every=0)
-    try:
-        guard.world.others[1] = 0.01  # another rank: 10 ms per step (this one: 1 ms)
-
-        def tick(step):
-            clock[0] += 0.001
-
-        at, stopped = checks(guard, 100, tick)
-        # the first intervals are 1 step (no step time agreed yet), then 0.1 s / 10 ms = 10 steps
-        assert (
-            at[:2] == [1, 2]
-            and all(b - a == 10 for a, b in zip(at[2:], at[3:]))
-            and stopped is None
-        )
-    finally:
-        guard.close()
-
-
-def test_own_signal_is_agreed_not_acted_on_alone():
-    guard = PreemptionGuard(FakeWorld(), every=3)
-    try:
-        assert not guard.should_stop(1)  # posts the first check
-        guard.flag[0] = signal.SIGTERM  # the handler ran on this rank
-        assert not any(guard.should_stop(s) for s in (2, 3, 4))  # check at 4 posts the flag
-        assert not any(guard.should_stop(s) for s in (5, 6))
-        assert guard.should_stop(7) and guard.signal_name() == "SIGTERM"
-    finally:
-        guard.close()
