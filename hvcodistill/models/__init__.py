@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from hvcodistill.errors import ConfigError
 from hvcodistill.models.transformer import TransformerLM
@@ -54,6 +52,8 @@ def build_model(
         return _cnn(channels, num_classes)
     if name == "resnet18_cifar":
         return _resnet18_cifar(channels, num_classes)
+    import torchvision  # over a second of start-up on every rank: the ResNets only
+
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     if channels != 3:  # torchvision's stem assumes RGB
         model.conv1 = _stem_conv(channels, kernel_size=7, stride=2)
@@ -103,6 +103,8 @@ def _stem_conv(channels: int, *, kernel_size: int, stride: int) -> nn.Conv2d:
 def _resnet18_cifar(channels: int, num_classes: int) -> nn.Module:
     """ResNet-18 for 32x32 inputs: torchvision's blocks with a 3x3 stride-1 stem and no max-pool,
     so small images are not downsampled 4x before the first block."""
+    from torchvision.models.resnet import BasicBlock, ResNet  # start-up time: see build_model
+
     model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
     model.conv1 = _stem_conv(channels, kernel_size=3, stride=1)
     model.maxpool = nn.Identity()
