@@ -53,19 +53,19 @@ def codistillation_loss(
     Returns the loss to back-propagate and the detached parts worth logging. For a language model
     (logits (B, T, V), targets (B, T)) both terms are means over tokens: next-token cross-entropy
     and the per-token distance.
-    With no teachers or alpha == 0 this is exactly the task loss (the all-reduce baseline).
+    With no teachers or alpha == 0 this is exactly the task loss (the all-reduce baseline), and
+    the parts hold no distill_loss: a step that did not distil adds nothing to it.
     """
-    task = F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+    if logits.dim() > 2:
+        logits, targets = logits.flatten(0, -2), targets.flatten()
+    task = F.cross_entropy(logits, targets)
     if alpha == 0 or not teacher_logits:
-        distill = torch.zeros((), dtype=task.dtype, device=task.device)
-        loss = task
-    else:
-        distill = sum(
-            distillation_distance(logits, t, distance=distance, temperature=temperature)
-            for t in teacher_logits
-        ) / len(teacher_logits)
-        loss = task + alpha * distill
-    return loss, {"task_loss": task.detach(), "distill_loss": distill.detach()}
+        return task, {"task_loss": task.detach()}
+    distill = sum(
+        distillation_distance(logits, t, distance=distance, temperature=temperature)
+        for t in teacher_logits
+    ) / len(teacher_logits)
+    return task + alpha * distill, {"task_loss": task.detach(), "distill_loss": distill.detach()}
 
 
 def alpha_at(step: int, *, alpha: float, burn_in_steps: int) -> float:

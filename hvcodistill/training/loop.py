@@ -114,6 +114,7 @@ def save_checkpoint(tr: Trainer, step: int) -> None:
     tr.timer.lap("other_s")
     tr.timer.wall_s = tr.timer.wall_seconds()
     write_checkpoint(tr, step)
+    tr.logger.flush()  # what was logged up to the checkpoint is on disk with it
     tr.timer.lap("checkpoint_s")
 
 

@@ -33,6 +33,10 @@ class NullWriter:
 class RunLogger:
     """Per-model scalars to TensorBoard and, gathered over peer_comm, one metrics.jsonl."""
 
+    # seconds: metrics.jsonl's lines go to disk in batches at most this far apart (the first at
+    # once), not a write per line; flush() (every checkpoint, the end) writes the rest
+    WRITE_EVERY = 1.0
+
     def __init__(self, run_dir: Path, comms, *, enabled: bool = True):
         self.comms = comms
         self.is_group_root = comms.group_rank == 0
@@ -40,18 +44,22 @@ class RunLogger:
         self.run_dir, self.enabled = run_dir, enabled
         self.tb = NullWriter()
         self.jsonl = None
+        self._pending: list[str] = []  # metrics.jsonl lines not yet written
+        self._written_at: float | None = None
         self._open(purge_step=None)
 
     def _open(self, purge_step: int | None) -> None:
         if self.enabled and self.is_group_root:
             from torch.utils.tensorboard import SummaryWriter
 
+            fast_event_checksums()
+
             self.tb = SummaryWriter(
                 log_dir=str(self.run_dir / "tb" / f"model_{self.comms.model_id}"),
                 purge_step=purge_step,
             )
         if self.enabled and self.is_world_root:
-            self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
 
     def resume_at(self, step: int) -> None:
         """After a restart from the checkpoint at `step`, drop what was logged past it (a crash
@@ -63,7 +71,7 @@ class RunLogger:
                 kept = [
                     line
                     for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= step
+                    if _step_of(line) is not None and _step_of(line) <= step
                 ]
                 write_atomic(path, "".join(kept).encode())
         self._open(purge_step=step + 1)  # TensorBoard hides its events past `step`
@@ -85,19 +93,63 @@ class RunLogger:
             root=0,
         )
         if self.jsonl is not None:
-            for row in rows:
-                self.jsonl.write(json.dumps(row) + "\n")
+            self._pending += [json.dumps(row) + "\n" for row in rows]
+            if self._written_at is None or time.monotonic() - self._written_at >= self.WRITE_EVERY:
+                self._write_lines()
         return rows or []
 
+    def _write_lines(self) -> None:
+        """The pending lines, whole, in one write: a reader (or a resume) never sees half a
+        line, short of a crash inside the write."""
+        if self._pending:
+            self.jsonl.write("".join(self._pending))
+            self.jsonl.flush()
+            self._pending = []
+        self._written_at = time.monotonic()
+
     def flush(self) -> None:
+        """Everything logged so far to disk: at every checkpoint and at the end."""
         self.tb.flush()
         if self.jsonl is not None:
-            self.jsonl.flush()
+            self._write_lines()
 
     def close(self) -> None:
         self.tb.close()
         if self.jsonl is not None:
+            self._write_lines()
             self.jsonl.close()
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of `data`, in C (google-crc32c)."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def fast_event_checksums() -> None:
+    """TensorBoard's event writer checksums every record in pure Python, about 120 us per KB on
+    its writer thread, holding the GIL the training loop needs; a log point's record is about
+    1 KB. Its writer takes masked_crc32c from its module: give it the same function in C, when
+    google-crc32c is installed (tests/unit/test_metrics.py checks they agree)."""
+    try:
+        import google_crc32c  # noqa: F401
+    except ImportError:
+        return
+    from tensorboard.summary.writer import record_writer
+
+    record_writer.masked_crc32c = masked_crc32c
+
+
+def _step_of(line: str) -> int | None:
+    """A metrics.jsonl line's step; None for a line a crash cut short."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _add_scalars(writer, kind: str, scalars: dict, step: int) -> None:
@@ -192,7 +244,9 @@ class LogWindow:
     def _sums(self) -> dict:
         """Totals on the device: a step brings its predictions and labels, a fold its `correct`."""
         sums = {
-            k: torch.stack([p[k] for p in self.parts]).sum() for k in ("task_loss", "distill_loss")
+            k: torch.stack(kept).sum() if kept else 0.0
+            for k in ("task_loss", "distill_loss")
+            for kept in [[p[k] for p in self.parts if k in p]]
         }
         counts = [p["correct"] for p in self.parts if "correct" in p]
         steps = [p for p in self.parts if "predicted" in p]

@@ -85,7 +85,7 @@ def test_no_distillation_is_exactly_cross_entropy(alpha, teachers):
     )
     assert torch.equal(loss, F.cross_entropy(s, y))
     assert torch.equal(parts["task_loss"], F.cross_entropy(s, y))
-    assert parts["distill_loss"].item() == 0.0
+    assert "distill_loss" not in parts  # a step that did not distil adds nothing to it
 
 
 @pytest.mark.parametrize("kind", ["kl", "ce", "mse"])
@@ -140,4 +140,4 @@ def test_per_token_task_loss_is_next_token_cross_entropy():
         -sum(F.log_softmax(logits[b, i], -1)[targets[b, i]] for b in range(2) for i in range(4)) / 8
     )
     assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
-    assert parts["distill_loss"].item() == 0
+    assert "distill_loss" not in parts
