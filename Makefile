@@ -18,8 +18,11 @@ demo: $(READY)
 	$(PY) -m hvcodistill.demo
 
 # Markers (pyproject.toml): unit (tests/unit, in-process), mpi (real ranks), slurm, cluster (root).
+# JOBS pytest-xdist workers; tests/conftest.py keeps a module's tests, the SLURM tests and the
+# readers of the cached runs on one worker each (--dist loadgroup). JOBS=0: one process.
+JOBS    ?= 2
 test: $(READY)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup --durations=15
 
 test-unit: $(READY)
 	$(PY) -m pytest -q -m unit
@@ -30,8 +33,8 @@ test-mpi: $(READY)
 
 # ruff's settings are in pyproject.toml (line length 100; rules E F W I).
 lint: $(READY)
-	$(RUFF) check hvcodistill tests
-	$(RUFF) format --check hvcodistill tests
+	$(RUFF) check hvcodistill tests scripts
+	$(RUFF) format --check hvcodistill tests scripts
 
 bench: $(READY)
 	$(PY) -m hvcodistill.bench -np $(NP)

@@ -16,6 +16,12 @@ pytest_plugins = ["tests.slurm_cluster", "tests.runs"]
 HEAVY = ("mpi", "slurm", "cluster")
 
 
+# the session's cached runs (tests/runs.py): their readers share a worker, which trains them once
+CACHED_RUNS = {"trained_run", "weights_run", "short_run"}
+
+
+# tryfirst: before pytest-xdist reads the groups (make test: --dist loadgroup)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         heavy = any(item.get_closest_marker(m) for m in HEAVY)
@@ -23,6 +29,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
         if item.get_closest_marker("cluster") and CLUSTER_UNAVAILABLE:
             item.add_marker(pytest.mark.skip(reason=CLUSTER_UNAVAILABLE))
+        group = xdist_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def xdist_group(item) -> str | None:
+    """Which tests one pytest-xdist worker runs together: every SLURM test (one cluster per
+    session), the readers of the cached runs, an integration module (its module fixtures are
+    built once); a unit test goes wherever a worker is free (None)."""
+    if item.get_closest_marker("slurm"):
+        return "slurm"
+    if CACHED_RUNS & set(getattr(item, "fixturenames", ())):
+        return "cached-runs"
+    if "integration" in item.path.parts:
+        return item.path.stem
+    return None
 
 
 def _repo_runs() -> set[str]:

@@ -1,5 +1,6 @@
 """The benchmark as a user runs it on this host: a small real run of every variant, the reference
-loop and the ratio (bench.py without ranks: tests/unit/test_bench.py)."""
+loop and the ratio (bench.py without ranks: tests/unit/test_bench.py). Two ranks, the fewest the
+benchmark takes: seven launches, each paying the ranks' start-up."""
 
 import subprocess
 import sys
@@ -18,6 +19,8 @@ def test_small_local_bench_prints_every_variant(tmp_path):
             sys.executable,
             "-m",
             "hvcodistill.bench",
+            "-np",
+            "2",
             "--steps",
             "6",
             "--repeat",

@@ -1,6 +1,7 @@
-"""A tiny real study under mpirun: 2 variants x 2 seeds of studies/tiny.yaml on mnist1d, stopped
-by Ctrl-C during its first run, continued (that run resumes from its checkpoint), reported, and
-skipped entirely the third time.
+"""A tiny real study under mpirun: 2 variants x 2 seeds of studies/tiny.yaml on mnist1d (on 2 ranks
+rather than its 4: a launch's cost is mostly its ranks' start-up), stopped by Ctrl-C during its
+first run, continued (that run resumes from its checkpoint), reported, and skipped entirely the
+third time.
 
 No race with the clock: the first sweep's runs are unbounded (train.steps=UNBOUNDED), so Ctrl-C
 lands while the first run trains, whenever it comes; the continuing sweep gives them an end 40
@@ -20,12 +21,22 @@ from tests.helpers import ROOT
 
 pytestmark = pytest.mark.mpi
 
-TINY = str(ROOT / "studies" / "tiny.yaml")
+SHIPPED = ROOT / "studies" / "tiny.yaml"
 
 
-def sweep(study_dir, *args, timeout=300):
+@pytest.fixture
+def tiny(tmp_path):
+    """studies/tiny.yaml on 2 ranks: the all-reduce run 1 x 2, codistillation 2 x 1."""
+    text = SHIPPED.read_text()
+    assert "\nranks: 4\n" in text
+    study = tmp_path / "tiny.yaml"
+    study.write_text(text.replace("\nranks: 4\n", "\nranks: 2\n"))
+    return str(study)
+
+
+def sweep(tiny, study_dir, *args, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "hvcodistill.sweep", TINY, "--dir", str(study_dir), *args],
+        [sys.executable, "-m", "hvcodistill.sweep", tiny, "--dir", str(study_dir), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -33,7 +44,7 @@ def sweep(study_dir, *args, timeout=300):
     )
 
 
-def test_tiny_study_stops_resumes_reports_and_skips(tmp_path):
+def test_tiny_study_stops_resumes_reports_and_skips(tmp_path, tiny):
     study_dir = tmp_path / "tiny"
     # 1. Ctrl-C once the first run is training: its ranks write a checkpoint, the sweep exits 75.
     first = study_dir / "allreduce" / "seed_0"
@@ -42,7 +53,7 @@ def test_tiny_study_stops_resumes_reports_and_skips(tmp_path):
             sys.executable,
             "-m",
             "hvcodistill.sweep",
-            TINY,
+            tiny,
             "--dir",
             str(study_dir),
             "--set",
@@ -82,7 +93,7 @@ def test_tiny_study_stops_resumes_reports_and_skips(tmp_path):
 
     # 2. The same command continues: the interrupted run resumes, the three others run.
     start = time.monotonic()
-    done = sweep(study_dir, *settings)
+    done = sweep(tiny, study_dir, *settings)
     assert done.returncode == 0, done.stdout + done.stderr
     print(f"3 runs and a resumed one: {time.monotonic() - start:.1f}s")
     assert "run 1/4 allreduce/seed_0: resuming from step" in done.stdout
@@ -91,7 +102,7 @@ def test_tiny_study_stops_resumes_reports_and_skips(tmp_path):
     assert resumed["resumed_from_step"] == end - 40 > 0 and resumed["steps"] == end
     fresh = json.loads((study_dir / "predictions_every=1" / "seed_1" / "summary.json").read_text())
     assert (
-        fresh["topology"] == {"world_size": 4, "n_models": 2, "group_size": 2}
+        fresh["topology"] == {"world_size": 2, "n_models": 2, "group_size": 1}
         and fresh["resumed_from_step"] == 0
     )
     assert (
@@ -110,13 +121,13 @@ def test_tiny_study_stops_resumes_reports_and_skips(tmp_path):
     assert rep.returncode == 0, rep.stderr
     md = (study_dir / "report.md").read_text()
     assert "**Runs: 4 of 4 finished.**" in md
-    assert "| predictions_every=1 | 2 x 2 | predictions | 1 | 2/2 |" in md
+    assert "| predictions_every=1 | 2 x 1 | predictions | 1 | 2/2 |" in md
     assert "| predictions_every=1 − allreduce | model val accuracy (pp) | 2 |" in md
     for png in ("accuracy.png", "tradeoff.png", "curves.png"):
         assert (study_dir / png).stat().st_size > 10_000, png
 
     # 4. Again: everything finished, nothing is started.
-    again = sweep(study_dir, *settings, timeout=60)
+    again = sweep(tiny, study_dir, *settings, timeout=60)
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4, (
         again.stdout
     )
