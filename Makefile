@@ -18,9 +18,10 @@ demo: $(READY)
 	$(PY) -m hvcodistill.demo
 
 # Markers (pyproject.toml): unit (tests/unit, in-process), mpi (real ranks), slurm, cluster (root).
-# JOBS pytest-xdist workers; tests/conftest.py keeps a module's tests, the SLURM tests and the
-# readers of the cached runs on one worker each (--dist loadgroup). JOBS=0: one process.
-JOBS    ?= 2
+# JOBS=N: N pytest-xdist workers (tests/conftest.py keeps a module's tests, the SLURM tests and
+# the readers of the cached runs on one worker each). On 2 cores it gains nothing: the ranks'
+# start-up is CPU, and 0 (one process) is the default.
+JOBS    ?= 0
 test: $(READY)
 	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup --durations=15
 
