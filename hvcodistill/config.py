@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from hvcodistill.comm.dataplane import BACKENDS
 from hvcodistill.comm.exchange import PAYLOAD_DTYPES
 from hvcodistill.comm.modes import MODES, get_mode
 from hvcodistill.data import DATA_NAMES
@@ -229,6 +230,13 @@ class TrainConfig:
         "none",
         help="Autocast: `none`, `bf16`, or `fp16` (on GPU only, with a gradient scaler).",
     )
+    backend: str = _key(
+        "horovod",
+        help="The data plane that averages each model's gradients over its group: `horovod` "
+        "(Horovod on the group's MPI communicator) or `torch` (torch.distributed: gloo on CPU, "
+        "NCCL on GPU, no Horovod needed). Exchanges between models travel over MPI with both. "
+        "See `hvcodistill/comm/dataplane.py`.",
+    )
     device: str = _key(
         "auto",
         help="`auto` (CUDA when torch sees a GPU, else CPU; an error, exit 2, when the job "
@@ -302,6 +310,7 @@ CHOICES = {
     "optim.unit": UNITS,
     "optim.lr_schedule": LR_SCHEDULES,
     "train.amp": AMP_MODES,
+    "train.backend": BACKENDS,
     "train.device": DEVICES,
 }
 # Keys whose null means 0 (unset): train.epochs=null with train.steps=N says "use steps".

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hvcodistill.comm.topology import Topology
+from hvcodistill.comm.topology import split_communicators
 from hvcodistill.config import load_config
 from hvcodistill.data import make_loader
 from hvcodistill.errors import ConfigError
@@ -63,12 +63,12 @@ def main(argv=None) -> int:
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
-    local = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    comms = split_communicators(world, 1)  # one group of every rank
     use_gpu = cfg.train.device != "cpu" and torch.cuda.is_available()
-    device = torch.device("cuda", local.Get_rank()) if use_gpu else torch.device("cpu")
+    device = torch.device("cuda", comms.local.Get_rank()) if use_gpu else torch.device("cpu")
     # plain Horovod on every rank: init, DistributedOptimizer, broadcast_parameters
-    plane = HorovodDataPlane(world, device.type)
-    topo = Topology(size, 1)
+    plane = HorovodDataPlane(comms, device.type)
+    topo = comms.topology
     data = build_data(cfg)
     plan = build_plan(cfg, topo, rank, len(data.train))
     total = total_steps(cfg, plan)

@@ -3,12 +3,21 @@ over its group (group_comm), behind one small interface, chosen by name.
 
 The MPI control plane (the split, the agreements, the preemption checks, the watchdog) stays
 in mpi4py; a data plane carries the group's gradients, its initial broadcast and the averaging
-of buffers for evaluation. Nothing outside this module imports Horovod.
+of buffers for evaluation. Two, by train.backend:
+
+- `horovod`: Horovod on group_comm (DistributedOptimizer's hooks, `synchronize()`).
+- `torch`: torch.distributed from the same MPI ranks: one world whose rendezvous address world
+  rank 0 broadcasts over COMM_WORLD (no launcher, no environment to set), one process group per
+  model's group; each gradient's all-reduce starts as soon as backward has accumulated it (gloo on
+  CPU, NCCL on GPU, which ships inside the torch wheel) and `wait_gradients` waits for them.
+
+Nothing outside this module imports Horovod or torch.distributed.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Protocol
 
 import torch
@@ -48,11 +57,16 @@ class HorovodDataPlane:
 
     name = "horovod"
 
-    def __init__(self, group_comm, device_type: str):
-        import horovod.torch as hvd  # the build is optional: only a run on this backend needs it
-
+    def __init__(self, comms, device_type: str):
+        try:
+            import horovod.torch as hvd  # optional: only a run on this backend needs it
+        except ImportError as e:
+            raise ConfigError(
+                f"train.backend=horovod: Horovod cannot be imported ({e}); build it with "
+                "`make setup`, or run with train.backend=torch"
+            ) from None
         self.hvd = hvd
-        hvd.init(comm=group_comm)  # Horovod's all-reduce runs on group_comm only
+        hvd.init(comm=comms.group)  # Horovod's all-reduce runs on group_comm only
         self.algorithm = horovod_algorithm(device_type, os.environ)
 
     def wrap_optimizer(self, optimizer, model):
@@ -87,11 +101,103 @@ class HorovodDataPlane:
         self.hvd.shutdown()
 
 
-BACKENDS = {"horovod": HorovodDataPlane}
+class TorchDataPlane:
+    """torch.distributed on the MPI ranks: a world of every rank, a process group per model's
+    group. A hook on each parameter starts its gradient's all-reduce (a sum, asynchronous) the
+    moment backward has accumulated it, so communication overlaps the rest of backward;
+    `wait_gradients` waits for them and divides by the group's size. Every rank of a group runs
+    the same model, so the hooks fire, and the all-reduces are issued, in the same order."""
+
+    name = "torch"
+    algorithm = "ring"  # the byte model's all-reduce (gloo's and NCCL's large-message ring)
+
+    def __init__(self, comms, device_type: str):
+        import torch.distributed as dist
+
+        self.dist = dist
+        world = comms.world
+        rank, size = world.Get_rank(), world.Get_size()
+        # COMM_WORLD: world rank 0 serves the rendezvous store on a free port and tells everyone
+        store = None
+        if rank == 0:
+            host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+            store = dist.TCPStore(host, 0, size, is_master=True, wait_for_workers=False)
+            address = (host, store.port)
+        else:
+            address = None
+        host, port = world.bcast(address, root=0)
+        if store is None:
+            store = dist.TCPStore(host, port, size, is_master=False)
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=size
+        )
+        # every rank creates every group, in the same order (torch.distributed's rule)
+        groups = [
+            dist.new_group(comms.topology.group_members(m)) for m in range(comms.topology.n_models)
+        ]
+        self.group = groups[comms.model_id]
+        self.group_size = comms.topology.group_size
+        self.root = comms.group_ranks[0]  # group rank 0, as a world rank
+        self._pending: list = []
+        self._hooks: list = []
+
+    def wrap_optimizer(self, optimizer, model):
+        if self.group_size > 1:
+            for p in model.parameters():
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._start))
+        return optimizer
+
+    def _start(self, p) -> None:
+        # group_comm: this gradient's sum over the group, while backward goes on
+        self._pending.append((p, self.dist.all_reduce(p.grad, group=self.group, async_op=True)))
+
+    def broadcast_initial(self, model):
+        # group_comm: group rank 0's parameters and buffers
+        if self.group_size > 1:
+            for t in model.state_dict().values():
+                self.dist.broadcast(t, src=self.root, group=self.group)
+
+    def wait_gradients(self, optimizer):
+        pending, self._pending = self._pending, []
+        for p, work in pending:
+            work.wait()
+            p.grad.div_(self.group_size)
+
+    def step(self, optimizer, scaler):
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    def average_(self, tensors):
+        if not tensors or self.group_size == 1:
+            return
+        # group_comm: one all-reduce per dtype, of the tensors laid end to end
+        by_dtype: dict = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for same in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in same])
+            self.dist.all_reduce(flat, group=self.group)
+            flat = flat / self.group_size if flat.is_floating_point() else flat // self.group_size
+            for t, part in zip(same, flat.split([t.numel() for t in same]), strict=True):
+                t.copy_(part.view_as(t))
+
+    def shutdown(self):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.dist.destroy_process_group()
 
 
-def make_data_plane(name: str, group_comm, device_type: str) -> DataPlane:
-    """The data plane called `name`, started on group_comm."""
+BACKENDS = {"horovod": HorovodDataPlane, "torch": TorchDataPlane}
+
+
+def make_data_plane(name: str, comms, device_type: str) -> DataPlane:
+    """The data plane called `name` (train.backend), started on this rank's communicators."""
     if name not in BACKENDS:
         raise ConfigError(f"config key train.backend: {name!r} is not one of {', '.join(BACKENDS)}")
-    return BACKENDS[name](group_comm, device_type)
+    return BACKENDS[name](comms, device_type)

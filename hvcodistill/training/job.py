@@ -43,7 +43,7 @@ def run(config: str, overrides: list[str]) -> int:
         resume_step, state, _lock = open_run_dir(world, cfg, prepared)
         comms = split_communicators(world, cfg.codistill.n_models)
         device = pick_device(cfg, comms)
-        plane = make_data_plane("horovod", comms.group, device.type)
+        plane = agree(world, lambda: make_data_plane(cfg.train.backend, comms, device.type))
         try:
             tr = build_trainer(
                 cfg,

@@ -33,12 +33,14 @@ def assert_close(a, b, **tol):
         assert torch.allclose(a[k], b[k], **tol), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
 
 
+# every data plane (train.backend) on 4 ranks, in the same job as the other 4-rank cases
 INVARIANTS = [(np, f"invariants:{mode}") for np in (4, 6) for mode in ("predictions", "weights")]
+INVARIANTS += [(4, f"invariants:{mode}/torch") for mode in ("predictions", "weights")]
 
 
 @pytest.mark.parametrize("check", INVARIANTS, ids=ident)
 def test_group_invariants_every_step(request, check):
-    np, mode = check[0], check[1].split(":")[1]
+    np, mode = check[0], check[1].split(":")[1].split("/")[0]
     assert result(request, check).startswith(
         f"invariants ok: {mode}, W={np} M={np // 2}, 12 steps, "
     )
@@ -59,7 +61,12 @@ def test_exchange(request, check):
     assert result(request, check) == f"{EXCHANGE_LINES[what]}: W={np} M={np // 2}"
 
 
-def test_one_model_equals_plain_horovod(ranks, tmp_path):
+@pytest.mark.parametrize(
+    "backend,plain", [("horovod", "plain_horovod.py"), ("torch", "plain_ddp.py")]
+)
+def test_one_model_equals_a_plain_loop_of_its_backend(ranks, tmp_path, backend, plain):
+    """M = 1 on each data plane equals the plain data-parallel loop a user would write with it:
+    Horovod's DistributedOptimizer, or torch's DistributedDataParallel."""
     train(
         ranks,
         2,
@@ -67,11 +74,10 @@ def test_one_model_equals_plain_horovod(ranks, tmp_path):
         "optim.lr=0.1",
         "optim.lr_schedule=constant",
         "optim.warmup=0",
+        f"train.backend={backend}",
         config=ALLREDUCE,
     )
-    ranks(
-        2, [str(MPI_DIR / "plain_horovod.py"), str(tmp_path / "plain.pt"), "30", "32", "0.1", "0"]
-    )
+    ranks(2, [str(MPI_DIR / plain), str(tmp_path / "plain.pt"), "30", "32", "0.1", "0"])
     assert_close(
         load(tmp_path / "m1" / "model_0.pt"), load(tmp_path / "plain.pt"), rtol=1e-5, atol=1e-6
     )

@@ -3,11 +3,12 @@
     mpirun -np W python tests/mpi/checks.py CASE [CASE ...]
 
 A case is NAME or NAME:ARG (CASES below: `exchange:weights`, `payload:fp16`, `refresh`, ...),
-run with M = W / 2 models. The cases run in turn in the same ranks: each builds its own trainer
-(its own config, communicators and Horovod on its own group_comm), and before the next case
-starts a weights refresh still in flight is finished, the logs are closed and the data plane is
-shut down (common.close_case; the driver fails a case that leaves Horovod running). Rank 0 prints
-one line per case, `CASE <case>: <result>`. A case that fails prints
+run with M = W / 2 models, on the default data plane; NAME:ARG/BACKEND runs it with
+train.backend=BACKEND (`invariants:weights/torch`). The cases run in turn in the same ranks: each
+builds its own trainer (its own config, communicators and data plane on its own group), and before
+the next case starts a weights refresh still in flight is finished, the logs are closed and the
+data plane is shut down (common.close_case; the driver fails a case that leaves Horovod running).
+Rank 0 prints one line per case, `CASE <case>: <result>`. A case that fails prints
 `rank R: FAIL: <case>: <why>` and ends the job (MPI Abort): the cases after it print nothing.
 
 The tests' side is result() below: the session's selected tests name their case in a `check`
@@ -40,14 +41,16 @@ def main(cases: list[str]) -> None:
 
     world = MPI.COMM_WORLD
     for case in cases:
-        name, _, arg = case.partition(":")
+        spec, _, backend = case.partition("/")
+        name, _, arg = spec.partition(":")
         common.CASE = case
         if name not in CASES:
             common.fail(f"no such case (cases: {', '.join(CASES)})")
+        overrides = [f"codistill.n_models={world.Get_size() // 2}"]
+        if backend:
+            overrides.append(f"train.backend={backend}")
         try:
-            line = importlib.import_module(CASES[name]).run(
-                arg, [f"codistill.n_models={world.Get_size() // 2}"]
-            )
+            line = importlib.import_module(CASES[name]).run(arg, overrides)
             common.close_case()
         except BaseException as e:  # one line naming the case, then the traceback
             common.fail(f"{e!r}\n{traceback.format_exc()}")

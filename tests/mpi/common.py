@@ -42,7 +42,7 @@ def connect(cfg, prepared):
     comms = split_communicators(MPI.COMM_WORLD, cfg.codistill.n_models)
     device = pick_device(cfg, comms)
     tr = build_trainer(
-        cfg, comms, make_data_plane("horovod", comms.group, device.type), device, prepared
+        cfg, comms, make_data_plane(cfg.train.backend, comms, device.type), device, prepared
     )
     _opened.append(tr)
     return tr

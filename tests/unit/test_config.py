@@ -149,6 +149,7 @@ def test_empty_section_is_allowed(tmp_path):
 
 # ------------------------------------------------------------------------ names: the registries
 def test_choices_are_the_registries():
+    from hvcodistill.comm.dataplane import BACKENDS
     from hvcodistill.comm.exchange import PAYLOAD_DTYPES
     from hvcodistill.comm.modes import MODES
     from hvcodistill.data import DATA_NAMES
@@ -166,6 +167,7 @@ def test_choices_are_the_registries():
         "optim.name": OPTIMIZERS,
         "optim.unit": UNITS,
         "optim.lr_schedule": LR_SCHEDULES,
+        "train.backend": BACKENDS,
     }
     for key, registry in registries.items():
         assert CHOICES[key] is registry, key
@@ -400,3 +402,23 @@ def test_a_run_shorter_than_its_burn_in_is_warned_about():
             )
             == []
         )
+
+
+def test_backend_without_horovod_is_one_line_naming_the_fix(monkeypatch):
+    """train.backend=horovod where Horovod cannot be imported: a ConfigError (one line, exit 2)
+    that names the fix, before any collective."""
+    import builtins
+
+    from hvcodistill.comm.dataplane import make_data_plane
+
+    real_import = builtins.__import__
+
+    def no_horovod(name, *args, **kwargs):
+        if name.startswith("horovod"):
+            raise ImportError("No module named 'horovod'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_horovod)
+    with pytest.raises(ConfigError) as e:
+        make_data_plane("horovod", comms=None, device_type="cpu")
+    assert "train.backend=horovod" in str(e.value) and "train.backend=torch" in str(e.value)
