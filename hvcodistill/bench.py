@@ -71,6 +71,20 @@ CALIBRATION = "alpha=0"  # the run whose compute time and intra-node all-reduce 
 REFERENCE = Variant(
     "plain Horovod loop", ("codistill.n_models=1",), "none", module="hvcodistill.reference"
 )
+# --backends horovod,torch (one host): the torch data plane beside Horovod, and its yardstick
+TORCH = "train.backend=torch"
+TORCH_VARIANTS = (
+    Variant("all-reduce, torch", ("codistill.n_models=1", TORCH), "none"),
+    Variant(
+        "plain DDP loop", ("codistill.n_models=1", TORCH), "none", module="hvcodistill.reference"
+    ),
+    Variant(
+        "predictions k=10, torch",
+        ("codistill.mode=predictions", "codistill.every=10", TORCH),
+        "predictions",
+    ),
+)
+BACKEND_NAMES = ("horovod", "torch")
 
 
 def run_variant(
@@ -212,7 +226,7 @@ def predict(inputs: dict, summary: dict, variant: Variant, rate_bits: int | None
 # ----------------------------------------------------------------------------- output
 def rows_for(measured: dict, rate: str, predictions: dict | None = None) -> list[dict]:
     rows = []
-    for v in (v for v in (*VARIANTS, REFERENCE) if v.name in measured):
+    for v in (v for v in (*VARIANTS, REFERENCE, *TORCH_VARIANTS) if v.name in measured):
         s = measured[v.name]
         t = s["topology"]
         per = s.get("bytes_per_step", {}).get(
@@ -242,7 +256,7 @@ def rows_for(measured: dict, rate: str, predictions: dict | None = None) -> list
 
 def render(rows: list[dict]) -> str:
     head = (
-        f"{'link':<9}{'variant':<19}{'step ms':>9}{'planner ms':>11}{'error':>7}{'samples/s':>11}"
+        f"{'link':<9}{'variant':<24}{'step ms':>9}{'planner ms':>11}{'error':>7}{'samples/s':>11}"
         f"{'intra MB/step':>15}{'inter MB/step':>15}"
     )
     lines = [head]
@@ -251,7 +265,7 @@ def render(rows: list[dict]) -> str:
         err = f"{(pred - r['step_ms']) / r['step_ms'] * 100:+.0f}%" if pred else "-"
         sps = f"{r['samples_per_s']:.0f}" if r["samples_per_s"] else "-"
         lines.append(
-            f"{r['rate']:<9}{r['variant']:<19}{r['step_ms']:>9.1f}"
+            f"{r['rate']:<9}{r['variant']:<24}{r['step_ms']:>9.1f}"
             f"{(f'{pred:.1f}' if pred else '-'):>11}{err:>7}{sps:>11}"
             f"{r['intra_node_MB_per_step']:>15.3f}{r['inter_node_MB_per_step']:>15.3f}"
         )
@@ -268,6 +282,17 @@ def crossovers(rows: list[dict], rates: list[str]) -> list[str]:
                 f"all-reduce (M=1) / plain Horovod loop: {reference_ratio(rows, rate)} "
                 "the reference's speed (1.00 = no overhead); CPU time per step, plain loop's / "
                 f"all-reduce's: {reference_cpu_ratio(rows, rate)}"
+            )
+        if (rate, TORCH_VARIANTS[1].name) in by:
+            steps = {r["variant"]: r["round_step_ms"] for r in rows if r["rate"] == rate}
+            m1, ddp, k10 = (v.name for v in TORCH_VARIANTS)
+            out.append(
+                f"all-reduce, torch / plain DDP loop: {_paired(steps[ddp], steps[m1])} "
+                "the reference's speed (1.00 = no overhead)"
+            )
+            out.append(
+                f"torch / Horovod, speed: M=1 {_paired(steps[VARIANTS[0].name], steps[m1])}; "
+                f"predictions k=10 {_paired(steps[VARIANTS[2].name], steps[k10])}"
             )
     for v in VARIANTS[1:]:
         faster = [rate for rate in rates if by[(rate, v.name)] < by[(rate, VARIANTS[0].name)]]
@@ -366,6 +391,13 @@ def parse_args(argv):
         help="rounds: runs per variant, the variants taking turns in each round; the median "
         "is shown (default 3 on one host, 1 with --cluster)",
     )
+    p.add_argument(
+        "--backends",
+        default="horovod",
+        help="data planes (train.backend), comma-separated: horovod (default), or horovod,torch "
+        "to add M = 1 and predictions k=10 on torch.distributed and the plain DDP loop (one "
+        "host)",
+    )
     p.add_argument("--cluster", action="store_true", help="run on an emulated cluster (root)")
     p.add_argument(
         "--nodes",
@@ -388,6 +420,11 @@ def parse_args(argv):
         p.error("--steps must be >= 1")
     if args.cluster and (args.nodes < 2 or args.np % args.nodes):
         p.error(f"--nodes must be >= 2 and divide -np={args.np}")
+    args.backends = [b.strip() for b in args.backends.split(",")]
+    if "horovod" not in args.backends or any(b not in BACKEND_NAMES for b in args.backends):
+        p.error(f"--backends: horovod, or horovod,torch (got {','.join(args.backends)})")
+    if args.cluster and "torch" in args.backends:
+        p.error("--backends torch runs on one host only (not with --cluster)")
     return args  # --config is read by main(): a missing or bad file is one line there, exit 2
 
 
@@ -431,8 +468,13 @@ def bench_local(args, common):
             Path(tmp),
             "local",
             log=lambda m: print(m, file=sys.stderr, flush=True),
-            variants=(VARIANTS[0], REFERENCE, *VARIANTS[1:]),
-        )  # the pair back to back
+            variants=(
+                VARIANTS[0],
+                REFERENCE,
+                *VARIANTS[1:],
+                *(TORCH_VARIANTS if "torch" in args.backends else ()),
+            ),
+        )  # each pair back to back
     title = (
         f"one host, {args.np} ranks; {Path(args.config).name}, {args.steps} steps; "
         f"median of {repeat} run(s)"

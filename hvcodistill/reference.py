@@ -1,12 +1,13 @@
-"""The loop a user would write: plain Horovod data parallelism, the yardstick for M = 1.
+"""The loop a user would write: plain data parallelism, the yardstick for M = 1.
 
     python -m hvcodistill.launch -np 4 \\
         python -m hvcodistill.reference --config configs/digits_allreduce.yaml
     python -m hvcodistill.reference --config FILE [dotted.key=value ...]     (under any launcher)
 
-Horovod on COMM_WORLD (init, DistributedOptimizer, broadcast_parameters, through
-comm/dataplane.py's thin wrapper), and the config's model, data,
-batch, optimiser and LR/weight-decay schedules, built by the same builders as training
+With train.backend=horovod (the default), Horovod on COMM_WORLD (init, DistributedOptimizer,
+broadcast_parameters, through comm/dataplane.py's thin wrapper); with train.backend=torch, torch's
+DistributedDataParallel over every rank (comm/dataplane.py's plain_ddp). And the config's model,
+data, batch, optimiser and LR/weight-decay schedules, built by the same builders as training
 (training/build.py), so it trains what `hvcodistill.train` trains with codistill.n_models=1.
 Nothing else: no codistillation, no checkpoints, no logging, no evaluation,
 no preemption handling. Its loop is timed as the trainer's is (first batch requested to last update
@@ -59,23 +60,29 @@ def main(argv=None) -> int:
     # this module again, where MPI must not start.
     from mpi4py import MPI
 
-    from hvcodistill.comm.dataplane import HorovodDataPlane
+    from hvcodistill.comm.dataplane import HorovodDataPlane, plain_ddp, plain_ddp_close
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     comms = split_communicators(world, 1)  # one group of every rank
     use_gpu = cfg.train.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", comms.local.Get_rank()) if use_gpu else torch.device("cpu")
-    # plain Horovod on every rank: init, DistributedOptimizer, broadcast_parameters
-    plane = HorovodDataPlane(comms, device.type)
+    ddp = cfg.train.backend == "torch"
+    # plain Horovod on every rank (init, DistributedOptimizer, broadcast_parameters), or DDP
+    plane = None if ddp else HorovodDataPlane(comms, device.type)
     topo = comms.topology
     data = build_data(cfg)
     plan = build_plan(cfg, topo, rank, len(data.train))
     total = total_steps(cfg, plan)
     model = build_model_for(cfg, data).to(device)
     lr, wd = schedules(cfg, topo, plan)
-    opt = plane.wrap_optimizer(build_optimizer(cfg.optim, model, lr.base_lr), model)
-    plane.broadcast_initial(model)
+    if ddp:
+        forward = plain_ddp(model, world, device)  # broadcasts rank 0's parameters
+        opt = build_optimizer(cfg.optim, model, lr.base_lr)
+    else:
+        forward = model
+        opt = plane.wrap_optimizer(build_optimizer(cfg.optim, model, lr.base_lr), model)
+        plane.broadcast_initial(model)
     loader = make_loader(data.train, plan.keys(0, total), workers=cfg.data.workers, device=device)
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -84,7 +91,7 @@ def main(argv=None) -> int:
             group["lr"], group["weight_decay"] = lr(step), wd(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(forward(x), y).backward()  # DDP: the averaged gradients are in
         opt.step()  # DistributedOptimizer: waits for the averaged gradients, then steps
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,7 +119,10 @@ def main(argv=None) -> int:
             f"summary {run_dir / 'summary.json'}",
             flush=True,
         )
-    plane.shutdown()
+    if ddp:
+        plain_ddp_close()
+    else:
+        plane.shutdown()
     return 0
 
 

@@ -112,25 +112,7 @@ class TorchDataPlane:
     algorithm = "ring"  # the byte model's all-reduce (gloo's and NCCL's large-message ring)
 
     def __init__(self, comms, device_type: str):
-        import torch.distributed as dist
-
-        self.dist = dist
-        world = comms.world
-        rank, size = world.Get_rank(), world.Get_size()
-        # COMM_WORLD: world rank 0 serves the rendezvous store on a free port and tells everyone
-        store = None
-        if rank == 0:
-            host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
-            store = dist.TCPStore(host, 0, size, is_master=True, wait_for_workers=False)
-            address = (host, store.port)
-        else:
-            address = None
-        host, port = world.bcast(address, root=0)
-        if store is None:
-            store = dist.TCPStore(host, port, size, is_master=False)
-        dist.init_process_group(
-            "nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=size
-        )
+        self.dist = dist = torch_world(comms.world, device_type)
         # every rank creates every group, in the same order (torch.distributed's rule)
         groups = [
             dist.new_group(comms.topology.group_members(m)) for m in range(comms.topology.n_models)
@@ -191,6 +173,43 @@ class TorchDataPlane:
             hook.remove()
         self._hooks = []
         self.dist.destroy_process_group()
+
+
+def torch_world(world, device_type: str):
+    """torch.distributed's default group over every rank of `world` (COMM_WORLD), gloo on CPU
+    and NCCL on GPU; returns torch.distributed. World rank 0 serves the rendezvous store on a
+    free port of its address (MASTER_ADDR if set, else its hostname's) and tells everyone."""
+    import torch.distributed as dist
+
+    rank, size = world.Get_rank(), world.Get_size()
+    store = address = None
+    if rank == 0:
+        host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        store = dist.TCPStore(host, 0, size, is_master=True, wait_for_workers=False)
+        address = (host, store.port)
+    host, port = world.bcast(address, root=0)  # COMM_WORLD
+    if store is None:
+        store = dist.TCPStore(host, port, size, is_master=False)
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=size
+    )
+    return dist
+
+
+def plain_ddp(model: torch.nn.Module, world, device: torch.device) -> torch.nn.Module:
+    """The plain loop's model (hvcodistill.reference with train.backend=torch): torch's own
+    DistributedDataParallel over every rank of `world`, as a user would write it; it broadcasts
+    rank 0's parameters and buckets the gradients' all-reduce itself. plain_ddp_close() ends it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch_world(world, device.type)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def plain_ddp_close() -> None:
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
 
 
 BACKENDS = {"horovod": HorovodDataPlane, "torch": TorchDataPlane}
