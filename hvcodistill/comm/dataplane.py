@@ -103,13 +103,16 @@ class HorovodDataPlane:
 
 class TorchDataPlane:
     """torch.distributed on the MPI ranks: a world of every rank, a process group per model's
-    group. A hook on each parameter starts its gradient's all-reduce (a sum, asynchronous) the
-    moment backward has accumulated it, so communication overlaps the rest of backward;
-    `wait_gradients` waits for them and divides by the group's size. Every rank of a group runs
-    the same model, so the hooks fire, and the all-reduces are issued, in the same order."""
+    group. The gradients are all-reduced in buckets of about BUCKET_BYTES, as DDP does: the
+    parameters in reverse order (the order backward reaches them), a bucket's sum starting,
+    asynchronous, the moment backward has accumulated its last gradient, so communication
+    overlaps the rest of backward; `wait_gradients` waits for them (starting any bucket whose
+    gradients never came, in bucket order) and hands each parameter its mean. Every rank of a
+    group runs the same model, so the buckets start in the same order on every rank."""
 
     name = "torch"
     algorithm = "ring"  # the byte model's all-reduce (gloo's and NCCL's large-message ring)
+    BUCKET_BYTES = 25 << 20  # DDP's default bucket_cap_mb
 
     def __init__(self, comms, device_type: str):
         self.dist = dist = torch_world(comms.world, device_type)
@@ -120,31 +123,65 @@ class TorchDataPlane:
         self.group = groups[comms.model_id]
         self.group_size = comms.topology.group_size
         self.root = comms.group_ranks[0]  # group rank 0, as a world rank
-        self._pending: list = []
+        self._buckets: list[list[torch.nn.Parameter]] = []
+        self._ready: list[int] = []  # per bucket: gradients accumulated this step
+        self._pending: dict[int, tuple] = {}  # bucket -> (flat sum, work) started this step
         self._hooks: list = []
 
     def wrap_optimizer(self, optimizer, model):
-        if self.group_size > 1:
-            for p in model.parameters():
-                if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._start))
+        if self.group_size == 1:
+            return optimizer
+        bucket, size = [], 0
+        for p in reversed([p for p in model.parameters() if p.requires_grad]):
+            nbytes = p.numel() * p.element_size()
+            if bucket and (size + nbytes > self.BUCKET_BYTES or p.dtype != bucket[0].dtype):
+                self._buckets.append(bucket)
+                bucket, size = [], 0
+            bucket.append(p)
+            size += nbytes
+            index = len(self._buckets)
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(index)))
+        if bucket:
+            self._buckets.append(bucket)
+        self._ready = [0] * len(self._buckets)
         return optimizer
 
-    def _start(self, p) -> None:
-        # group_comm: this gradient's sum over the group, while backward goes on
-        self._pending.append((p, self.dist.all_reduce(p.grad, group=self.group, async_op=True)))
+    def _hook(self, index: int):
+        def ready(p) -> None:
+            self._ready[index] += 1
+            if self._ready[index] == len(self._buckets[index]):
+                self._start(index)
+
+        return ready
+
+    def _start(self, index: int) -> None:
+        bucket = self._buckets[index]
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+        )
+        # group_comm: this bucket's sum over the group, while backward goes on
+        self._pending[index] = (flat, self.dist.all_reduce(flat, group=self.group, async_op=True))
+
+    def wait_gradients(self, optimizer):
+        for index in range(len(self._buckets)):
+            if index not in self._pending:  # a gradient never came (an unused parameter)
+                self._start(index)
+        for index, bucket in enumerate(self._buckets):
+            flat, work = self._pending.pop(index)
+            work.wait()
+            flat.div_(self.group_size)
+            for p, part in zip(bucket, flat.split([p.numel() for p in bucket]), strict=True):
+                if p.grad is None:
+                    p.grad = part.view_as(p).clone()
+                else:
+                    p.grad.copy_(part.view_as(p))
+        self._ready = [0] * len(self._buckets)
 
     def broadcast_initial(self, model):
         # group_comm: group rank 0's parameters and buffers
         if self.group_size > 1:
             for t in model.state_dict().values():
                 self.dist.broadcast(t, src=self.root, group=self.group)
-
-    def wait_gradients(self, optimizer):
-        pending, self._pending = self._pending, []
-        for p, work in pending:
-            work.wait()
-            p.grad.div_(self.group_size)
 
     def step(self, optimizer, scaler):
         if scaler.is_enabled():
