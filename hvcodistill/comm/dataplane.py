@@ -51,6 +51,16 @@ class DataPlane(Protocol):
         """Every rank of the world, at the same point: the data plane's threads stop."""
 
 
+def optimizer_step(optimizer, scaler) -> None:
+    """The update on gradients already averaged; with fp16 loss scaling, unscaled first."""
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 class HorovodDataPlane:
     """Horovod on group_comm: DistributedOptimizer's hooks all-reduce gradients during the
     backward pass, and `synchronize()` waits for them."""
@@ -85,12 +95,7 @@ class HorovodDataPlane:
 
     def step(self, optimizer, scaler):
         with optimizer.skip_synchronize():  # wait_gradients already synchronised
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(optimizer, scaler)
 
     def average_(self, tensors):
         if tensors:
@@ -184,12 +189,7 @@ class TorchDataPlane:
                 self.dist.broadcast(t, src=self.root, group=self.group)
 
     def step(self, optimizer, scaler):
-        if scaler.is_enabled():
-            scaler.unscale_(optimizer)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(optimizer, scaler)
 
     def average_(self, tensors):
         if not tensors or self.group_size == 1:
