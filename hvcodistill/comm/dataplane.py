@@ -129,6 +129,7 @@ class TorchDataPlane:
         self.group_size = comms.topology.group_size
         self.root = comms.group_ranks[0]  # group rank 0, as a world rank
         self._buckets: list[list[torch.nn.Parameter]] = []
+        self._flats: list[torch.Tensor] = []  # per bucket: its gradients laid end to end
         self._ready: list[int] = []  # per bucket: gradients accumulated this step
         self._pending: dict[int, tuple] = {}  # bucket -> (flat sum, work) started this step
         self._hooks: list = []
@@ -149,6 +150,11 @@ class TorchDataPlane:
         if bucket:
             self._buckets.append(bucket)
         self._ready = [0] * len(self._buckets)
+        # one buffer per bucket for the whole run: a fresh one each step costs its page faults
+        self._flats = [
+            torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
+            for b in self._buckets
+        ]
         return optimizer
 
     def _hook(self, index: int):
@@ -160,9 +166,10 @@ class TorchDataPlane:
         return ready
 
     def _start(self, index: int) -> None:
-        bucket = self._buckets[index]
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+        bucket, flat = self._buckets[index], self._flats[index]
+        torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket],
+            out=flat,
         )
         # group_comm: this bucket's sum over the group, while backward goes on
         self._pending[index] = (flat, self.dist.all_reduce(flat, group=self.group, async_op=True))
