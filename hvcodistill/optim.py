@@ -12,6 +12,11 @@ from typing import Sequence
 
 import torch
 
+from hvcodistill.startup import defer_dynamo
+
+# before any optimizer exists: torch.optim would import torch._dynamo (hvcodistill/startup.py)
+defer_dynamo()
+
 LR_SCHEDULES = ("step", "cosine", "constant")  # optim.lr_schedule: LRSchedule.kind
 UNITS = ("epochs", "steps")  # optim.unit: what to_steps takes
 
