@@ -18,7 +18,8 @@ from tests.runs import QUIET, WEIGHTS_MODE, copy_run, train_args
 pytestmark = pytest.mark.mpi
 
 MODES = {
-    "predictions": ("codistill.mode=predictions", "model.name=mlp"),
+    # dropout: each rank's RNG (its masks) must come back exactly too
+    "predictions": ("codistill.mode=predictions", "model.name=mlp", "model.dropout=0.3"),
     "weights": WEIGHTS_MODE,  # BatchNorm buffers: per-rank state that must come back exactly
 }
 # steps of the signalled run: at the slowest step seen here (~50 ms) that is over a year, so the
@@ -39,7 +40,8 @@ def assert_same_models(a, b, n_models=2):
 def test_signal_checkpoint_and_exact_resume(tmp_path, mode):
     """SIGUSR1 to mpirun stops every rank at one step s with a checkpoint (exit 75); resumed to
     s + AFTER steps, the run ends bitwise as an uninterrupted run of s + AFTER steps, with the
-    same exchanges, and its wall time adds the segments up.
+    same exchanges, and its wall time adds the segments up. Per-rank state comes back exactly:
+    dropout masks (the MLP of predictions mode) and BatchNorm buffers (the CNN of weights mode).
 
     No race with the clock: the signalled run has train.steps=UNBOUNDED, so it cannot end before
     the signal, whenever the signal lands; s is whatever step the ranks agreed on, read from the

@@ -1,6 +1,6 @@
 """Weights mode's refresh under real ranks: the schedule and the first teachers, exact resume with a
-refresh in flight, and one copy of each model crossing between nodes per refresh (emulated
-cluster)."""
+refresh in flight (whose summary's time parts add up, before and after the resume), and one copy of
+each model crossing between nodes per refresh (emulated cluster)."""
 
 import json
 import os
@@ -41,15 +41,28 @@ WEIGHTS = [
     "data.order=disjoint",
     "model.name=cnn",
     "train.epochs=0",
-    "train.eval_every=0",
+    "train.eval_every=10",
+    "train.log_every=10",
     "train.progress=false",
     "optim.lr_schedule=constant",
 ]  # a run extended on resume: a schedule not tied to its length
+# the summary's time parts (hvcodistill/training/timing.py)
+PARTS = ("compute_s", "allreduce_s", "exchange_s", "eval_s", "checkpoint_s", "data_s", "other_s")
 
 
-def test_resume_with_a_refresh_in_flight_is_exact(ranks, tmp_path):
+def assert_parts_add_up(timing):
+    assert set(PARTS) | {"loop_s", "step_s"} <= timing.keys()
+    assert sum(timing[k] for k in PARTS) == pytest.approx(timing["loop_s"], rel=1e-9)
+
+
+def test_resume_with_a_refresh_in_flight_is_exact_and_its_time_adds_up(ranks, tmp_path):
     """A checkpoint at step 16 catches the refresh taken at 14 in flight (installed at 17): stopped
-    there and resumed, or checkpointed there and continued, the run ends bitwise the same."""
+    there and resumed, or checkpointed there and continued, the run ends bitwise the same.
+    The time parts of its summary add up to loop_s in each segment (an equality, no clock bound),
+    the ones that held something are above zero, the resumed segment's timer goes on from the
+    checkpoint's, and TensorBoard has every part per step at every log step and at the end of each
+    segment."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def train(run_dir, *overrides):
         ranks(
@@ -65,12 +78,18 @@ def test_resume_with_a_refresh_in_flight_is_exact(ranks, tmp_path):
             ],
         )
 
-    train(tmp_path / "cut", "train.steps=16")
-    pending = torch.load(
-        tmp_path / "cut" / "checkpoints" / "model_0" / "step_000000016.pt", weights_only=False
-    )["exchange"]["pending_refresh"]
+    cut = tmp_path / "cut"
+    train(cut, "train.steps=16", "run.checkpoint_every=8")
+    pending = torch.load(cut / "checkpoints" / "model_0" / "step_000000016.pt", weights_only=False)[
+        "exchange"
+    ]["pending_refresh"]
     assert pending["taken_at"] == 14 and pending["install_at"] == 17
-    train(tmp_path / "cut", "train.steps=30")
+    first = json.loads((cut / "summary.json").read_text())["timing"]
+    assert_parts_add_up(first)
+    assert first["eval_s"] > 0 and first["checkpoint_s"] > 0 and first["exchange_s"] > 0
+    assert first["step_s"] == pytest.approx(first["loop_s"] / 16)
+
+    train(cut, "train.steps=30", "run.checkpoint_every=8")
     train(tmp_path / "whole", "train.steps=30", "run.checkpoint_every=16")
     for m in (0, 1):
         a, b = (torch.load(tmp_path / run / f"model_{m}.pt") for run in ("cut", "whole"))
@@ -83,6 +102,17 @@ def test_resume_with_a_refresh_in_flight_is_exact(ranks, tmp_path):
         a["exchanged_bytes"] == b["exchanged_bytes"]
         and a["bytes"]["exchange"] == b["bytes"]["exchange"]
     )
+    again = a["timing"]
+    assert_parts_add_up(again)
+    assert again["loop_s"] > first["loop_s"] and again["eval_s"] > first["eval_s"]
+    acc = EventAccumulator(str(cut / "tb" / "model_0"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {f"train/{k}_per_step" for k in PARTS} | {"train/step_s", "train/exchange_s"} <= tags, (
+        tags
+    )
+    # every log step, and the end of each segment, once each
+    assert [e.step for e in acc.Scalars("train/compute_s_per_step")] == [10, 16, 20, 30]
 
 
 UNAVAILABLE = cluster_unavailable()
