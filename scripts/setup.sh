@@ -69,20 +69,24 @@ else
 fi
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "$PY is older than Python 3.9"
 
-have_torch() {
+# one interpreter start per question: each one that imports torch costs seconds
+torch_version() { # prints torch's version if torch >= MIN_TORCH and torchvision import
   "$PY" - "$MIN_TORCH" <<'PYEOF' 2>/dev/null
 import sys
 import torch, torchvision  # noqa: F401
 from packaging.version import Version
-sys.exit(0 if Version(torch.__version__.split("+")[0]) >= Version(sys.argv[1]) else 1)
+if Version(torch.__version__.split("+")[0]) < Version(sys.argv[1]):
+    sys.exit(1)
+print(torch.__version__, "cuda" if torch.version.cuda else "cpu")
 PYEOF
 }
-if ! have_torch; then
+if ! TORCH_PROBE=$(torch_version); then
   say "installing $TORCH_SPEC"
   log "pip install torch" "$PY" -m pip install $TORCH_SPEC packaging
+  TORCH_PROBE=$(torch_version) ||
+    die "torch >= $MIN_TORCH with torchvision is required; $PY has $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo none)"
 fi
-have_torch || die "torch >= $MIN_TORCH with torchvision is required; $PY has $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo none)"
-TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)')
+read -r TORCH_VERSION TORCH_BUILD <<<"$TORCH_PROBE"
 
 # Horovod's build-time imports: it is built with --no-build-isolation against the torch above.
 "$PY" -c 'import packaging, cloudpickle, psutil, yaml, cffi, wheel' 2>/dev/null ||
@@ -93,7 +97,7 @@ if [[ $GPU == auto ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then GPU=1; else GPU=0; fi
 fi
 if [[ $GPU == 1 ]]; then
-  "$PY" -c 'import torch, sys; sys.exit(torch.version.cuda is None)' ||
+  [[ $TORCH_BUILD == cuda ]] ||
     die "HVCODISTILL_GPU=1 but $TORCH_VERSION is not a CUDA build of torch"
   command -v nvcc >/dev/null 2>&1 || [[ -n ${CUDA_HOME:-} ]] || die "HVCODISTILL_GPU=1 needs a CUDA toolkit (nvcc on PATH or CUDA_HOME)"
 fi
@@ -115,10 +119,10 @@ patch_horovod() { # $1: unpacked sdist. Each edit is what Horovod 0.28.1 needs f
     die "Horovod $HOROVOD_VERSION sources are not as expected: the build patches did not apply"
 }
 
-horovod_ok() {
-  "$PY" -c 'import horovod.torch, mpi4py' 2>/dev/null || return 1
+horovod_ok() { # Horovod imports with PyTorch, and was built with MPI (what --check-build says)
   "$PY" - <<'PYEOF' 2>/dev/null
 import sys
+import mpi4py  # noqa: F401
 import horovod.torch as hvd
 sys.exit(0 if hvd.mpi_built() else 1)
 PYEOF
@@ -128,7 +132,9 @@ PATCH_ID=$(declare -f patch_horovod | sha256sum | cut -c1-12)
 KEY="horovod-$HOROVOD_VERSION-torch-${TORCH_VERSION//+/_}-py$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')-$([[ $GPU == 1 ]] && echo nccl || echo cpu)-$PATCH_ID"
 WHEEL_DIR=$CACHE/wheels/$KEY
 
+HOROVOD_INSTALLED=0
 if ! horovod_ok; then
+  HOROVOD_INSTALLED=1
   if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $HOROVOD_VERSION for torch $TORCH_VERSION ($([[ $GPU == 1 ]] && echo NCCL || echo CPU) ops; a few minutes)"
     build=$(mktemp -d)
@@ -165,9 +171,11 @@ fi
 
 # --- verify ---------------------------------------------------------------------------------
 HVDRUN=$(dirname "$PY")/horovodrun
-check=$("$HVDRUN" --check-build 2>&1) || die "horovodrun --check-build failed: $check"
-grep -q '\[X\] PyTorch' <<<"$check" || die "Horovod was built without PyTorch support (horovodrun --check-build)"
-grep -q '\[X\] MPI' <<<"$check" || die "Horovod was built without MPI support (horovodrun --check-build)"
+if [[ $HOROVOD_INSTALLED == 1 ]]; then # a Horovod found in place was checked by horovod_ok above
+  check=$("$HVDRUN" --check-build 2>&1) || die "horovodrun --check-build failed: $check"
+  grep -q '\[X\] PyTorch' <<<"$check" || die "Horovod was built without PyTorch support (horovodrun --check-build)"
+  grep -q '\[X\] MPI' <<<"$check" || die "Horovod was built without MPI support (horovodrun --check-build)"
+fi
 "$PY" -c 'from mpi4py import MPI; import sys; sys.exit(MPI.Query_thread() != MPI.THREAD_MULTIPLE)' ||
   die "mpi4py does not provide MPI_THREAD_MULTIPLE; rebuild MPI with thread support"
 say "ready: torch $TORCH_VERSION, Horovod $HOROVOD_VERSION ($([[ $GPU == 1 ]] && echo NCCL || echo CPU) ops) with PyTorch+MPI, $(mpirun --version 2>/dev/null | head -1)"
