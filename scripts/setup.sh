@@ -12,6 +12,8 @@
 #                                    0: CPU-only build; auto: 1 when nvidia-smi sees a GPU
 #   HVCODISTILL_CACHE=~/.cache/hvcodistill   where built Horovod wheels are kept
 #   HVCODISTILL_SKIP_APT=1           never call apt-get (no root, or MPI from a module system)
+#   HVCODISTILL_HOROVOD=0            no Horovod: neither built nor checked (no g++ or cmake needed);
+#                                    runs then take train.backend=torch (docs/setup.md)
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
@@ -23,6 +25,8 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 CACHE=${HVCODISTILL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvcodistill}
 GPU=${HVCODISTILL_GPU:-auto}
+WITH_HOROVOD=${HVCODISTILL_HOROVOD:-1}
+[[ $WITH_HOROVOD == 0 || $WITH_HOROVOD == 1 ]] || { printf 'setup: error: HVCODISTILL_HOROVOD must be 0 or 1, not %s\n' "$WITH_HOROVOD" >&2; exit 2; }
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 2; }
@@ -40,8 +44,10 @@ log() { # run a command quietly; on failure show the tail of its log and stop wi
 need_apt=()
 command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 command -v mpicc >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
-command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
-command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+if [[ $WITH_HOROVOD == 1 ]]; then # what building Horovod needs
+  command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+  command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+fi
 # optional: ip and tc (iproute2) build the emulated cluster (bench --cluster, its tests as root)
 PATH=$PATH:/usr/sbin:/sbin command -v tc >/dev/null 2>&1 || [[ $(id -u) != 0 ]] || need_apt+=(iproute2)
 if ((${#need_apt[@]})); then
@@ -53,8 +59,10 @@ if ((${#need_apt[@]})); then
 fi
 command -v mpirun >/dev/null 2>&1 || die "no mpirun on PATH: install Open MPI (Debian: apt-get install openmpi-bin libopenmpi-dev) or load your cluster's MPI module"
 command -v mpicc >/dev/null 2>&1 || die "no mpicc on PATH: install the MPI headers (Debian: libopenmpi-dev)"
-command -v g++ >/dev/null 2>&1 || die "no C++ compiler (g++) on PATH: install g++ (Debian: apt-get install g++)"
-command -v cmake >/dev/null 2>&1 || die "no cmake on PATH: install cmake >= 3.13"
+if [[ $WITH_HOROVOD == 1 ]]; then
+  command -v g++ >/dev/null 2>&1 || die "no C++ compiler (g++) on PATH: install g++ (Debian: apt-get install g++), or set up without Horovod: HVCODISTILL_HOROVOD=0"
+  command -v cmake >/dev/null 2>&1 || die "no cmake on PATH: install cmake >= 3.13, or set up without Horovod: HVCODISTILL_HOROVOD=0"
+fi
 
 # --- venv and python packages ---------------------------------------------------------------
 if [[ $VENV == system ]]; then
@@ -89,7 +97,7 @@ fi
 read -r TORCH_VERSION TORCH_BUILD <<<"$TORCH_PROBE"
 
 # Horovod's build-time imports: it is built with --no-build-isolation against the torch above.
-"$PY" -c 'import packaging, cloudpickle, psutil, yaml, cffi, wheel' 2>/dev/null ||
+[[ $WITH_HOROVOD == 0 ]] || "$PY" -c 'import packaging, cloudpickle, psutil, yaml, cffi, wheel' 2>/dev/null ||
   log "pip install build deps" "$PY" -m pip install packaging cloudpickle psutil pyyaml cffi wheel setuptools
 
 # --- Horovod --------------------------------------------------------------------------------
@@ -99,7 +107,9 @@ fi
 if [[ $GPU == 1 ]]; then
   [[ $TORCH_BUILD == cuda ]] ||
     die "HVCODISTILL_GPU=1 but $TORCH_VERSION is not a CUDA build of torch"
-  command -v nvcc >/dev/null 2>&1 || [[ -n ${CUDA_HOME:-} ]] || die "HVCODISTILL_GPU=1 needs a CUDA toolkit (nvcc on PATH or CUDA_HOME)"
+  # NCCL for train.backend=torch ships in the torch wheel; Horovod's NCCL ops are compiled
+  [[ $WITH_HOROVOD == 0 ]] || command -v nvcc >/dev/null 2>&1 || [[ -n ${CUDA_HOME:-} ]] ||
+    die "HVCODISTILL_GPU=1 needs a CUDA toolkit (nvcc on PATH or CUDA_HOME) to build Horovod's NCCL ops"
 fi
 
 patch_horovod() { # $1: unpacked sdist. Each edit is what Horovod 0.28.1 needs for torch >= 2.1.
@@ -133,7 +143,7 @@ KEY="horovod-$HOROVOD_VERSION-torch-${TORCH_VERSION//+/_}-py$("$PY" -c 'import s
 WHEEL_DIR=$CACHE/wheels/$KEY
 
 HOROVOD_INSTALLED=0
-if ! horovod_ok; then
+if [[ $WITH_HOROVOD == 1 ]] && ! horovod_ok; then
   HOROVOD_INSTALLED=1
   if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $HOROVOD_VERSION for torch $TORCH_VERSION ($([[ $GPU == 1 ]] && echo NCCL || echo CPU) ops; a few minutes)"
@@ -178,4 +188,9 @@ if [[ $HOROVOD_INSTALLED == 1 ]]; then # a Horovod found in place was checked by
 fi
 "$PY" -c 'from mpi4py import MPI; import sys; sys.exit(MPI.Query_thread() != MPI.THREAD_MULTIPLE)' ||
   die "mpi4py does not provide MPI_THREAD_MULTIPLE; rebuild MPI with thread support"
-say "ready: torch $TORCH_VERSION, Horovod $HOROVOD_VERSION ($([[ $GPU == 1 ]] && echo NCCL || echo CPU) ops) with PyTorch+MPI, $(mpirun --version 2>/dev/null | head -1)"
+if [[ $WITH_HOROVOD == 1 ]]; then
+  HOROVOD_SAYS="Horovod $HOROVOD_VERSION ($([[ $GPU == 1 ]] && echo NCCL || echo CPU) ops) with PyTorch+MPI"
+else
+  HOROVOD_SAYS="no Horovod (HVCODISTILL_HOROVOD=0: run with train.backend=torch)"
+fi
+say "ready: torch $TORCH_VERSION, $HOROVOD_SAYS, $(mpirun --version 2>/dev/null | head -1)"

@@ -1,5 +1,6 @@
 """Fixtures every test module may use, and the markers: tests/unit is `unit`; `mpi`, `slurm`
-and `cluster` mark what starts ranks, a SLURM cluster or network namespaces."""
+and `cluster` mark what starts ranks, a SLURM cluster or network namespaces. Where Horovod is not
+installed (HVCODISTILL_HOROVOD=0), those skip, saying so, unless marked `torch_backend`."""
 
 import os
 import signal
@@ -8,7 +9,14 @@ import subprocess
 import pytest
 
 from hvcodistill.cluster import EmulatedCluster
-from tests.helpers import CLUSTER_UNAVAILABLE, ROOT, our_namespaces, run_ranks, unique_name
+from tests.helpers import (
+    CLUSTER_UNAVAILABLE,
+    HOROVOD_MISSING,
+    ROOT,
+    our_namespaces,
+    run_ranks,
+    unique_name,
+)
 
 # fixtures of their own modules: the session's SLURM cluster, the cache of trained runs
 pytest_plugins = ["tests.slurm_cluster", "tests.runs"]
@@ -29,6 +37,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
         if item.get_closest_marker("cluster") and CLUSTER_UNAVAILABLE:
             item.add_marker(pytest.mark.skip(reason=CLUSTER_UNAVAILABLE))
+        elif heavy and HOROVOD_MISSING and not item.get_closest_marker("torch_backend"):
+            item.add_marker(pytest.mark.skip(reason=HOROVOD_MISSING))
         group = xdist_group(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))

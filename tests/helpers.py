@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import subprocess
@@ -51,6 +52,18 @@ def one_line_exit(proc: subprocess.CompletedProcess, code: int, *needles: str) -
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+# ---------------------------------------------------------------- a set-up without Horovod
+# HVCODISTILL_HOROVOD=0 installs no Horovod: tests whose ranks run the default data plane skip,
+# saying so; those marked torch_backend (train.backend=torch only) run (tests/conftest.py)
+HOROVOD_MISSING = (
+    None
+    if importlib.util.find_spec("horovod") is not None
+    else "Horovod is not installed (a set-up with HVCODISTILL_HOROVOD=0): these ranks run "
+    "train.backend=horovod"
+)
+torch_backend = pytest.mark.torch_backend
 
 
 # ---------------------------------------------------------------- the emulated cluster (root only)

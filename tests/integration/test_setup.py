@@ -1,4 +1,5 @@
-"""scripts/setup.sh stops with one clear line, exit 2, when a prerequisite is missing."""
+"""scripts/setup.sh stops with one clear line, exit 2, when a prerequisite is missing or a setting
+is bad; a second run installs nothing."""
 
 import os
 import shutil
@@ -39,15 +40,23 @@ def bin_without(tmp_path, *missing):
 
 
 @pytest.mark.parametrize(
-    "missing,needle",
-    [(("mpirun",), "no mpirun"), (("mpicc",), "no mpicc"), (("g++",), "no C++ compiler")],
-)
-def test_missing_prerequisite_is_one_line(tmp_path, missing, needle):
+    "missing,extra,needle",
+    [
+        (("mpirun",), {}, "no mpirun"),
+        (("mpicc",), {}, "no mpicc"),
+        # the compiler builds Horovod only: the line names the set-up without it
+        (("g++",), {}, "no C++ compiler (g++) on PATH: install g++ (Debian: apt-get install g++), "
+         "or set up without Horovod: HVCODISTILL_HOROVOD=0"),
+        ((), {"HVCODISTILL_HOROVOD": "no"}, "HVCODISTILL_HOROVOD must be 0 or 1, not no"),
+    ],
+)  # fmt: skip
+def test_missing_prerequisite_is_one_line(tmp_path, missing, extra, needle):
     env = {
         "PATH": bin_without(tmp_path, *missing),
         "HOME": str(tmp_path),
         "HVCODISTILL_SKIP_APT": "1",
         "VENV": str(tmp_path / "venv"),
+        **extra,
     }
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "setup.sh")],

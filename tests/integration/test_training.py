@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import MPI_DIR, ROOT, run_ranks
+from tests.helpers import MPI_DIR, ROOT, run_ranks, torch_backend
 from tests.mpi.checks import ident, result
 
 pytestmark = pytest.mark.mpi
@@ -35,7 +35,10 @@ def assert_close(a, b, **tol):
 
 # every data plane (train.backend) on 4 ranks, in the same job as the other 4-rank cases
 INVARIANTS = [(np, f"invariants:{mode}") for np in (4, 6) for mode in ("predictions", "weights")]
-INVARIANTS += [(4, f"invariants:{mode}/torch") for mode in ("predictions", "weights")]
+INVARIANTS += [
+    pytest.param(check, marks=torch_backend, id=ident(check))
+    for check in ((4, f"invariants:{mode}/torch") for mode in ("predictions", "weights"))
+]
 
 
 @pytest.mark.parametrize("check", INVARIANTS, ids=ident)
@@ -62,7 +65,8 @@ def test_exchange(request, check):
 
 
 @pytest.mark.parametrize(
-    "backend,plain", [("horovod", "plain_horovod.py"), ("torch", "plain_ddp.py")]
+    "backend,plain",
+    [("horovod", "plain_horovod.py"), pytest.param("torch", "plain_ddp.py", marks=torch_backend)],
 )
 def test_one_model_equals_a_plain_loop_of_its_backend(ranks, tmp_path, backend, plain):
     """M = 1 on each data plane equals the plain data-parallel loop a user would write with it:
