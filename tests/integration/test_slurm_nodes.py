@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from hvcodistill.cluster import EmulatedCluster
+from tests.faults import complete_checkpoints
 from tests.helpers import FAIL_FAST_S, needs_cluster, our_namespaces, unique_name
 from tests.slurm_cluster import (
     QUIET,
@@ -213,12 +214,10 @@ def test_preemption_on_two_nodes_requeues_and_resumes_bitwise(
 
 
 def newest_complete_step(run_dir: Path) -> int:
-    """The newest step for which every model has a checkpoint (what a resume starts from)."""
-    steps = {}
-    for path in (run_dir / "checkpoints").glob("model_*/step_*.pt"):
-        steps.setdefault(path.parent.name, set()).add(int(path.stem.removeprefix("step_")))
-    common = set.intersection(*steps.values()) if len(steps) == 2 else set()
-    return max(common, default=0)
+    """The newest step for which every model has a checkpoint with its sidecar, which is written
+    last (what a resume starts from); 0 if none. A .pt without its sidecar is a write in
+    progress: a node killed then leaves that model without the step."""
+    return max(complete_checkpoints(run_dir), default=0)
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
