@@ -15,7 +15,6 @@ pytestmark = pytest.mark.mpi
 
 CODISTILL = str(ROOT / "configs" / "digits_codistill.yaml")
 ALLREDUCE = str(ROOT / "configs" / "digits_allreduce.yaml")
-PARTS = ("compute_s", "allreduce_s", "exchange_s", "eval_s", "checkpoint_s", "data_s", "other_s")
 
 
 def test_injected_delays_land_in_their_own_part(ranks, tmp_path):
