@@ -9,6 +9,11 @@ set OMPI_MCA_mpi_yield_when_idle=1 for them.
 
 One job per launcher runs RUN to the end (`completed`): test_codistill_sbatch_runs_to_the_end
 checks it, and it is the uninterrupted run that the preempted job must match bit for bit.
+
+Where network namespaces can be made (root), tests/integration/test_slurm_nodes.py runs the same
+two tests, with both launchers, on two emulated nodes, asserting everything these do and more
+(each model on its own node, SIGUSR1 reaching both nodes); these two then skip, saying so, and
+only run where the two-node cluster cannot be built. Four 4-rank jobs fewer, about 50 s.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import CLUSTER_UNAVAILABLE, ROOT
 from tests.slurm_cluster import (
     CODISTILL_SBATCH,
     QUIET,
@@ -46,6 +51,14 @@ RUN = (
     "run.preempt_check_every=1"
 )
 HOLD_STEP = 20  # the preempted run waits before this step (it has logged step 10) for its signal
+
+
+# the two tests that test_slurm_nodes.py runs on two nodes, where it can
+on_two_nodes_instead = pytest.mark.skipif(
+    CLUSTER_UNAVAILABLE is None,
+    reason="run on two emulated nodes instead (tests/integration/test_slurm_nodes.py, the same "
+    "test there, both launchers)",
+)
 
 
 def srun_mpi_or_skip(cluster: SlurmCluster) -> None:
@@ -91,6 +104,7 @@ def test_sbatch_scripts_parse_and_request_requeue():
         assert "#SBATCH --requeue" in directives, script
 
 
+@on_two_nodes_instead
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_codistill_sbatch_runs_to_the_end(slurm, completed, launcher):
     """4 tasks on one node, 2 models x 2 ranks: the run completes and leaves its results."""
@@ -128,6 +142,7 @@ def test_allreduce_sbatch_runs_the_same_body(slurm, tmp_path):
     assert (run_dir / "model_0.pt").exists()
 
 
+@on_two_nodes_instead
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_preemption_requeues_and_resumes_bitwise(slurm, tmp_path, completed, launcher):
     """SIGUSR1 to the batch shell (what --signal=B:USR1 does) mid-run: the script forwards it

@@ -160,15 +160,22 @@ def load(path: Path) -> dict:
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_codistill_sbatch_on_two_nodes(two_nodes, completed, launcher):
-    """2 nodes x 2 tasks: the job completes, each model's ranks sit on one node, the nodes are the
-    two slurmds' (node0, node1), and bytes crossed between the nodes."""
+    """2 nodes x 2 tasks: the job completes and leaves its results (finite weights of both
+    models), each model's ranks sit on one node, the nodes are the two slurmds' (node0, node1),
+    and bytes crossed between the nodes. (test_slurm.py's one-node twin skips where this runs.)"""
     fields, run_dir, out = completed(launcher)
     log = assert_completed(fields, out, two_nodes)
     assert fields.get("NodeList") == "node[0-1]" and f"] {launcher} " in log, (fields, log)
     assert "4 ranks on 2 node(s) [node[0-1]], 2 per node" in log, log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS
+    assert [m["id"] for m in summary["models"]] == [0, 1]
     assert_contiguous(summary)
+    for i in (0, 1):
+        weights = load(run_dir / f"model_{i}.pt")
+        assert weights and all(
+            torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()
+        )
     inter = sum(links["inter_node"] for links in summary["bytes"].values())
     assert inter > 0, summary["bytes"]
 
