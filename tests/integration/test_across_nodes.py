@@ -13,6 +13,8 @@ codistillation, and against the planner's predicted times) are the benchmark's p
 - the planner (hvcodistill/planning.py, as the benchmark calls it), given the run's own model,
   batch, classes and layout, predicts the bytes per step by collective and link that the run
   counted.
+- weights mode's refresh: one copy of each model crosses between the nodes per refresh (a shard of
+  1/G from each rank), counted and on the kernel's counters.
 - on a 100 Mbit/s link, the benchmark's layout and variants: the shaper paces every run (its tbf
   holds packets back), the planner puts the all-reduce of M = 1 and the prediction exchange on the
   inter-node link, and the all-reduce moves several times the exchange's bytes between nodes, the
@@ -168,3 +170,50 @@ def test_planner_on_a_shaped_link(cluster, tmp_path):
         / plan[PREDICTIONS].exchange_bytes["inter_node"]
     )
     assert reduce > 2 * exchange, (reduce, exchange)
+
+
+def test_one_copy_of_each_model_crosses_between_nodes_per_refresh(cluster, tmp_path):
+    """2 nodes x 2 ranks, M = 2 models of G = 2, contiguous (model i on node i), so each peer pair
+    spans the nodes. The bench MLP (16.8 MB) refreshed every 5 steps from step 5: 8 steps take 1
+    refresh (at 5), 23 take 4 (5, 10, 15, 20). Between the two runs the kernel's eth0 tx bytes
+    (both nodes) grow by 3 x M (M-1) x the weights' bytes, within 1%: the two runs' other traffic
+    (start-up, Horovod's coordination, TCP acks, whose number follows timing) differs by a few
+    hundred KB either way, while a copy per rank of the group would be 2.0 and a lost shard 0.5.
+    summary.json's counted inter-node exchange bytes say the same, exactly."""
+    from hvcodistill.models import build_model
+
+    cluster.shape(None)
+    m, refreshes = 2, {8: 1, 23: 4}
+    weight_bytes = 4 * sum(
+        p.numel()
+        for p in build_model(
+            "mlp", input_shape=(1, 32, 32), num_classes=10, hidden=[2048, 1024]
+        ).parameters()
+    )
+    kernel, counted = {}, {}
+    for steps in refreshes:
+        before = sent(cluster)
+        summary = train(
+            cluster,
+            tmp_path / f"steps{steps}",
+            "codistill.mode=weights",
+            "codistill.every=5",
+            "codistill.burn_in_steps=5",
+            "data.order=disjoint",
+            f"train.steps={steps}",
+            "run.checkpoint_every=0",
+        )
+        kernel[steps] = sent(cluster) - before
+        assert summary["nodes"]["count"] == 2 and summary["exchanges"] == refreshes[steps]
+        counted[steps] = summary["bytes"]["exchange"]["inter_node"]
+    n = refreshes[23] - refreshes[8]
+    model = n * m * (m - 1) * weight_bytes
+    kernel_diff, counted_diff = kernel[23] - kernel[8], counted[23] - counted[8]
+    print(
+        f"{n} refreshes: kernel tx {kernel_diff:,} B, counted {counted_diff:,} B, "
+        f"M(M-1) x weights {model:,} B; "
+        f"kernel/model {kernel_diff / model:.4f}, counted/model {counted_diff / model:.6f}"
+    )
+    # a shard is 1/G of the model, padded by < G bytes
+    assert counted_diff == pytest.approx(model, rel=1e-5)
+    assert abs(kernel_diff / model - 1) < 0.01

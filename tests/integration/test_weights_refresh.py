@@ -1,23 +1,19 @@
 """Weights mode's refresh under real ranks: the schedule and the first teachers, exact resume with a
-refresh in flight (whose summary's time parts add up, before and after the resume), and one copy of
-each model crossing between nodes per refresh (emulated cluster)."""
+refresh in flight (whose summary's time parts add up, before and after the resume). One copy of
+each model crossing between nodes per refresh is counted on the emulated cluster, in
+tests/integration/test_across_nodes.py."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from hvcodistill.cluster import EmulatedCluster, cluster_unavailable
 from tests.helpers import ROOT
 from tests.mpi.checks import ident, result
 
 pytestmark = pytest.mark.mpi
 
 CODISTILL = str(ROOT / "configs" / "digits_codistill.yaml")
-BENCH = str(ROOT / "configs" / "bench_mlp_synthetic.yaml")
 
 
 @pytest.mark.parametrize("check", [(4, "refresh"), (6, "refresh")], ids=ident)
@@ -113,76 +109,3 @@ def test_resume_with_a_refresh_in_flight_is_exact_and_its_time_adds_up(ranks, tm
     )
     # every log step, and the end of each segment, once each
     assert [e.step for e in acc.Scalars("train/compute_s_per_step")] == [10, 16, 20, 30]
-
-
-UNAVAILABLE = cluster_unavailable()
-
-
-@pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
-def test_one_copy_of_each_model_crosses_between_nodes_per_refresh(tmp_path):
-    """2 nodes x 2 ranks, M = 2 models of G = 2, contiguous (model i on node i), so each peer pair
-    spans the nodes. The bench MLP (16.8 MB) refreshed every 20 steps: 30 steps take 1 refresh (at
-    20), 90 steps take 4 (20, 40, 60, 80). Between the two runs the kernel's eth0 tx bytes (both
-    nodes) grow by 3 x M (M-1) x the weights' bytes, within 1%: the two runs' other traffic
-    (start-up, Horovod's coordination, TCP acks, whose number follows timing) differs by a few
-    hundred KB either way (measured kernel/model 1.0036 and 0.9998), while a copy per rank of the
-    group would be 2.0 and a lost shard 0.5. summary.json's counted inter-node exchange bytes say
-    the same, exactly."""
-    from hvcodistill.models import build_model
-
-    m, refreshes = 2, {30: 1, 90: 4}
-    weight_bytes = 4 * sum(
-        p.numel()
-        for p in build_model(
-            "mlp", input_shape=(1, 32, 32), num_classes=10, hidden=[2048, 1024]
-        ).parameters()
-    )
-    kernel, counted = {}, {}
-    with EmulatedCluster(
-        2, name=f"rf{os.getpid()}", rate=None, state_dir=tmp_path / "state"
-    ) as cluster:
-        for steps in refreshes:
-            run_dir = tmp_path / f"steps{steps}"
-            cmd, env = cluster.mpirun_command(
-                4,
-                [
-                    sys.executable,
-                    "-m",
-                    "hvcodistill.train",
-                    "--config",
-                    BENCH,
-                    "codistill.mode=weights",
-                    "codistill.every=20",
-                    "codistill.burn_in_steps=20",
-                    "data.order=disjoint",
-                    f"train.steps={steps}",
-                    "train.progress=false",
-                    "run.checkpoint_every=0",
-                    f"run.dir={run_dir}",
-                ],
-                slots=2,
-            )
-            before = cluster.counters()
-            proc = subprocess.run(
-                cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-            )
-            after = cluster.counters()
-            assert proc.returncode == 0, (
-                f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            )
-            kernel[steps] = sum(after[h]["tx_bytes"] - before[h]["tx_bytes"] for h in cluster.hosts)
-            summary = json.loads((run_dir / "summary.json").read_text())
-            assert summary["nodes"]["count"] == 2 and summary["exchanges"] == refreshes[steps]
-            counted[steps] = summary["bytes"]["exchange"]["inter_node"]
-    n = refreshes[90] - refreshes[30]
-    model = n * m * (m - 1) * weight_bytes
-    kernel_diff, counted_diff = kernel[90] - kernel[30], counted[90] - counted[30]
-    print(
-        f"{n} refreshes: kernel tx {kernel_diff:,} B, counted {counted_diff:,} B, "
-        f"M(M-1) x weights {model:,} B; "
-        f"kernel/model {kernel_diff / model:.4f}, counted/model {counted_diff / model:.6f}"
-    )
-    assert counted_diff == pytest.approx(
-        model, rel=1e-5
-    )  # a shard is 1/G of the model, padded by < G bytes
-    assert abs(kernel_diff / model - 1) < 0.01
