@@ -18,10 +18,12 @@ demo: $(READY)
 	$(PY) -m hvcodistill.demo
 
 # Markers (pyproject.toml): unit (tests/unit, in-process), mpi (real ranks), slurm, cluster (root).
-# JOBS=N: N pytest-xdist workers (tests/conftest.py keeps a module's tests, the SLURM tests and
-# the readers of the cached runs on one worker each). On 2 cores it gains nothing: the ranks'
-# start-up is CPU, and 0 (one process) is the default.
-JOBS    ?= 0
+# JOBS=N: N pytest-xdist workers. tests/conftest.py keeps on one worker each: every SLURM and
+# emulated-cluster test (one SLURM cluster, one set of namespaces at a time), the readers of the
+# cached runs, each integration module; unit tests go wherever a worker is free. Two workers on
+# 2 cores: the SLURM tests' waits (scheduling, requeue, node failure) overlap the other tests'
+# ranks. JOBS=0 runs everything in one process.
+JOBS    ?= 2
 test: $(READY)
 	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup --durations=15
 

@@ -28,8 +28,6 @@ HEAVY = ("mpi", "slurm", "cluster")
 CACHED_RUNS = {"trained_run", "weights_run", "short_run"}
 
 
-# tryfirst: before pytest-xdist reads the groups (make test: --dist loadgroup)
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         heavy = any(item.get_closest_marker(m) for m in HEAVY)
@@ -39,17 +37,57 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=CLUSTER_UNAVAILABLE))
         elif heavy and HOROVOD_MISSING and not item.get_closest_marker("torch_backend"):
             item.add_marker(pytest.mark.skip(reason=HOROVOD_MISSING))
-        group = xdist_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+
+
+class _GroupsHonoured:
+    """Under pytest-xdist's --dist loadgroup, each worker must have tagged every grouped test's id
+    with its group ("id@group"), or the groups are ignored without a word and two SLURM clusters,
+    or two sets of emulated nodes, run at once (pytest 9 broke that tag for pytest-xdist 3.8:
+    pyproject.toml keeps pytest < 9). Stop at collection rather than fail later."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not getattr(config.option, "loadgroup", False):
+            return
+        lost = [
+            i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid
+        ]
+        if lost:
+            raise pytest.UsageError(
+                f"pytest-xdist did not tag {len(lost)} grouped tests with their group (e.g. "
+                f"{lost[0]}): with this pytest and pytest-xdist, --dist loadgroup would run the "
+                "SLURM and emulated-cluster tests on several workers at once; run without -n, "
+                "or with pytest < 9"
+            )
+
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", "no") == "loadgroup" and pytest.version_tuple[0] >= 9:
+        # the known case, said on the controller (a worker's UsageError only ends the session)
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} breaks pytest-xdist's --dist loadgroup (the SLURM and "
+            "emulated-cluster tests would run on several workers at once): install pytest < 9, "
+            "as pyproject.toml asks, or run without -n"
+        )
+    config.pluginmanager.register(_GroupsHonoured(), "hvcodistill-groups-honoured")
+
+
+def pytest_itemcollected(item):
+    """The pytest-xdist group (make test JOBS=N: --dist loadgroup), marked as each test is
+    collected: pytest-xdist reads the marks in its own pytest_collection_modifyitems, which may run
+    before this file's."""
+    group = xdist_group(item)
+    if group:
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def xdist_group(item) -> str | None:
-    """Which tests one pytest-xdist worker runs together: every SLURM test (one cluster per
-    session), the readers of the cached runs, an integration module (its module fixtures are
-    built once); a unit test goes wherever a worker is free (None)."""
-    if item.get_closest_marker("slurm"):
-        return "slurm"
+    """Which tests one pytest-xdist worker runs together: every SLURM test and every test on
+    emulated nodes (one SLURM cluster per session, and no two sets of namespaces, daemons and
+    shapers at once), the readers of the cached runs, an integration module (its module fixtures
+    are built once); a unit test goes wherever a worker is free (None)."""
+    if item.get_closest_marker("slurm") or item.get_closest_marker("cluster"):
+        return "slurm-and-nodes"
     if CACHED_RUNS & set(getattr(item, "fixturenames", ())):
         return "cached-runs"
     if "integration" in item.path.parts:
