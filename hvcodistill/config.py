@@ -232,10 +232,11 @@ class TrainConfig:
     )
     backend: str = _key(
         "horovod",
-        help="The data plane that averages each model's gradients over its group: `horovod` "
-        "(Horovod on the group's MPI communicator) or `torch` (torch.distributed: gloo on CPU, "
-        "NCCL on GPU, no Horovod needed). Exchanges between models travel over MPI with both. "
-        "See `hvcodistill/comm/dataplane.py`.",
+        help="The data plane that averages each model's gradients over its group and carries the "
+        "exchanges between models: `horovod` (Horovod on the group's MPI communicator; exchanges "
+        "over mpi4py, through host memory) or `torch` (torch.distributed process groups: gloo on "
+        "CPU, NCCL on GPU with exchanges in device memory; no Horovod needed). See "
+        "`hvcodistill/comm/dataplane.py` and docs/running.md.",
     )
     device: str = _key(
         "auto",

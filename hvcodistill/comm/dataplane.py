@@ -11,6 +11,11 @@ of buffers for evaluation. Two, by train.backend:
   model's group; each gradient's all-reduce starts as soon as backward has accumulated it (gloo on
   CPU, NCCL on GPU, which ships inside the torch wheel) and `wait_gradients` waits for them.
 
+Each data plane also hands the exchanges their wire (`wire()`): the all-gathers of raw bytes among
+a rank's peers (peer_comm: one rank per model) and its group. Horovod's is mpi4py on the host, so a
+GPU's payload is staged through host memory; torch's runs on process groups of the same ranks,
+gloo on CPU and NCCL on the GPU's own memory (no host staging).
+
 Nothing outside this module imports Horovod or torch.distributed.
 """
 
@@ -47,8 +52,127 @@ class DataPlane(Protocol):
     def average_(self, tensors: list[torch.Tensor]) -> None:
         """Average `tensors` over the group in place, in one grouped call."""
 
+    def wire(self) -> Wire:
+        """The exchanges' wire among this rank's peers and group (built once, on first use)."""
+
     def shutdown(self) -> None:
         """Every rank of the world, at the same point: the data plane's threads stop."""
+
+
+class Request(Protocol):
+    """A non-blocking collective in flight."""
+
+    def test(self) -> bool:
+        """Whether it has completed (and moves it on); never blocks."""
+
+    def wait(self) -> None:
+        """Block until it has completed."""
+
+
+class Wire(Protocol):
+    """All-gathers of uint8 tensors over `which` = "peer" (one rank per model, row m from model
+    m) or "group" (this model's ranks, row r from group rank r). `send` is 1-D; `recv` holds
+    size(which) rows of send's length, contiguous; both on `device`, where the caller builds its
+    buffers."""
+
+    name: str
+    device: torch.device
+
+    def size(self, which: str) -> int: ...
+
+    def rank(self, which: str) -> int: ...
+
+    def allgather(self, which: str, send: torch.Tensor, recv: torch.Tensor) -> None: ...
+
+    def iallgather(self, which: str, send: torch.Tensor, recv: torch.Tensor) -> Request: ...
+
+    def private(self) -> Wire:
+        """A wire of its own on the same ranks (every rank of the world calls it at the same
+        point): its non-blocking collectives, posted at steps that differ between ranks, can
+        never interleave with anyone else's."""
+
+
+class MpiWire:
+    """peer_comm and group_comm (mpi4py), buffers in host memory: any MPI works, CUDA-aware or
+    not, and a GPU's payload is staged through the host."""
+
+    name = "mpi"
+    device = torch.device("cpu")
+
+    def __init__(self, peer, group):
+        self.comms = {"peer": peer, "group": group}
+
+    def size(self, which):
+        return self.comms[which].Get_size()
+
+    def rank(self, which):
+        return self.comms[which].Get_rank()
+
+    def allgather(self, which, send, recv):
+        self.comms[which].Allgather(send.numpy(), recv.numpy())
+
+    def iallgather(self, which, send, recv):
+        return _MpiRequest(self.comms[which].Iallgather(send.numpy(), recv.numpy()))
+
+    def private(self):
+        return MpiWire(self.comms["peer"].Dup(), self.comms["group"].Dup())
+
+
+class _MpiRequest:
+    def __init__(self, request):
+        self.request = request
+
+    def test(self):
+        return self.request.Test()
+
+    def wait(self):
+        self.request.Wait()
+
+
+class TorchWire:
+    """Process groups of the same ranks: every peer set's and every model group's, created by
+    every rank in one order (torch.distributed's rule). Buffers live on `device`: the GPU with
+    NCCL, so a payload never leaves it; the host with gloo."""
+
+    name = "torch"
+
+    def __init__(self, dist, comms, device: torch.device):
+        topology = comms.topology
+        groups = [dist.new_group(topology.group_members(m)) for m in range(topology.n_models)]
+        peers = [dist.new_group(topology.peers(r)) for r in range(topology.group_size)]
+        self.dist, self.comms, self.device = dist, comms, device
+        self.groups = {"group": groups[comms.model_id], "peer": peers[comms.group_rank]}
+        self.sizes = {"group": topology.group_size, "peer": topology.n_models}
+        self.ranks = {"group": comms.group_rank, "peer": comms.model_id}
+        # torch >= 2.14 names it all_gather_single; all_gather_into_tensor before (deprecated)
+        self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+    def size(self, which):
+        return self.sizes[which]
+
+    def rank(self, which):
+        return self.ranks[which]
+
+    def allgather(self, which, send, recv):
+        self._gather(recv.view(-1), send, group=self.groups[which])
+
+    def iallgather(self, which, send, recv):
+        work = self._gather(recv.view(-1), send, group=self.groups[which], async_op=True)
+        return _TorchRequest(work)
+
+    def private(self):
+        return TorchWire(self.dist, self.comms, self.device)
+
+
+class _TorchRequest:
+    def __init__(self, work):
+        self.work = work
+
+    def test(self):
+        return self.work.is_completed()
+
+    def wait(self):
+        self.work.wait()
 
 
 def optimizer_step(optimizer, scaler) -> None:
@@ -78,6 +202,10 @@ class HorovodDataPlane:
         self.hvd = hvd
         hvd.init(comm=comms.group)  # Horovod's all-reduce runs on group_comm only
         self.algorithm = horovod_algorithm(device_type, os.environ)
+        self._wire = MpiWire(comms.peer, comms.group)
+
+    def wire(self):
+        return self._wire
 
     def wrap_optimizer(self, optimizer, model):
         # group_comm: gradients are averaged over the group during backward
@@ -121,6 +249,7 @@ class TorchDataPlane:
 
     def __init__(self, comms, device_type: str):
         self.dist = dist = torch_world(comms.world, device_type)
+        self.comms, self.device_type, self._wire = comms, device_type, None
         # every rank creates every group, in the same order (torch.distributed's rule)
         groups = [
             dist.new_group(comms.topology.group_members(m)) for m in range(comms.topology.n_models)
@@ -188,6 +317,16 @@ class TorchDataPlane:
                 else:
                     p.grad.copy_(part.view_as(p))
         self._ready = [0] * len(self._buckets)
+
+    def wire(self):
+        if self._wire is None:  # built on first use: a run without exchanges needs none
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if self.device_type == "cuda"
+                else torch.device("cpu")
+            )
+            self._wire = TorchWire(self.dist, self.comms, device)
+        return self._wire
 
     def broadcast_initial(self, model):
         # group_comm: group rank 0's parameters and buffers

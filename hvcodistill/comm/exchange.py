@@ -1,7 +1,9 @@
 """What peers send each other over peer_comm, and the teachers a student distils from.
 
-Every exchange is one MPI Allgather on peer_comm (the M ranks with the same group rank), of raw
-bytes staged on the host, so any dtype travels exactly and any MPI (CUDA-aware or not) works.
+Every exchange is one all-gather among the peers (the M ranks with the same group rank) of raw
+bytes, so any dtype travels exactly, on the data plane's wire (comm/dataplane.py): mpi4py on the
+host with Horovod (a GPU's payload is staged, and any MPI works, CUDA-aware or not), the peers'
+process group with train.backend=torch (gloo on CPU; NCCL on the GPU's memory, no staging).
 All peers call the same collectives in the same order: the cadence is a pure function of the step.
 (A weights-mode refresh is sharded and non-blocking: see WeightExchange.)
 """
@@ -11,11 +13,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import math
 import time
 import weakref
 from typing import Callable
 
-import numpy as np
 import torch
 
 from hvcodistill.comm.modes import CHECKSUM_BYTES, Mode, Predictions, Weights
@@ -104,17 +106,20 @@ class Exchange:
         """The teachers' logits for this batch (x, labels y): constants, possibly none."""
         return []
 
-    def _allgather_bytes(self, peer, payload: np.ndarray) -> np.ndarray:
-        """peer_comm Allgather of one uint8 buffer; returns (M, nbytes), row m from model m."""
-        out = np.empty((peer.Get_size(), payload.size), dtype=np.uint8)
+    def _allgather_bytes(self, wire, payload: torch.Tensor) -> torch.Tensor:
+        """The peers' all-gather of one uint8 payload on `wire`; returns (M, nbytes) on the wire's
+        device, row m from model m."""
+        payload = payload.to(wire.device)  # the MPI wire: staged on the host
+        out = torch.empty(
+            (wire.size("peer"), payload.numel()), dtype=torch.uint8, device=wire.device
+        )
         with self._timed():
-            peer.Allgather(payload, out)
-        self.bytes_received += out.nbytes - payload.nbytes
+            wire.allgather("peer", payload, out)
+        nbytes = payload.numel()
+        self.bytes_received += out.numel() - nbytes
         self.count += 1
         # each of the M-1 peers receives this rank's payload: on this node or across the network
-        self.traffic.add(
-            "exchange", {link: n * payload.nbytes for link, n in self.peers_by_link.items()}
-        )
+        self.traffic.add("exchange", {link: n * nbytes for link, n in self.peers_by_link.items()})
         return out
 
 
@@ -125,64 +130,67 @@ class NoExchange(Exchange):
 
 # What logits travel as in predictions mode (codistill.payload_dtype). fp32 is exact; fp16 and bf16
 # halve the bytes: fp16 keeps 11 significant bits and saturates at +-65504, bf16 keeps 8 bits and
-# fp32's range. numpy has no bfloat16, so every payload travels as raw bytes.
+# fp32's range. Every payload travels as raw bytes (MPI and numpy have no bfloat16).
 PAYLOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 _CHECKSUM_BYTES = CHECKSUM_BYTES
 
 
-def pack_logits(logits: torch.Tensor, payload_dtype: str, checksum: int) -> np.ndarray:
-    """The bytes one rank sends: its logits in `payload_dtype` (cast on their device, so the copy
-    to the host moves the smaller payload), then the batch checksum as 8 little-endian bytes."""
+def pack_logits(logits: torch.Tensor, payload_dtype: str, checksum: int) -> torch.Tensor:
+    """The bytes one rank sends, a uint8 tensor on the logits' device: its logits in
+    `payload_dtype` (cast there, so a copy to the host moves the smaller payload), then the batch
+    checksum as 8 little-endian bytes."""
     wire = logits.detach()
     if payload_dtype == "fp16":
         wire = wire.float().clamp(-_FP16_MAX, _FP16_MAX)  # saturate rather than become inf
     return _payload([wire.to(PAYLOAD_DTYPES[payload_dtype])], checksum)
 
 
-def _payload(parts: list[torch.Tensor], checksum: int) -> np.ndarray:
-    """The send buffer: each tensor's bytes in turn (copied device -> host straight into it), then
-    the batch checksum as 8 little-endian bytes."""
+def _payload(parts: list[torch.Tensor], checksum: int) -> torch.Tensor:
+    """The send buffer, on the parts' device: each tensor's bytes in turn, then the batch checksum
+    as 8 little-endian bytes."""
     raw = [t.contiguous().view(-1).view(torch.uint8) for t in parts]
-    payload = torch.empty(sum(r.numel() for r in raw) + _CHECKSUM_BYTES, dtype=torch.uint8)
+    n = sum(r.numel() for r in raw)
+    payload = torch.empty(n + _CHECKSUM_BYTES, dtype=torch.uint8, device=raw[0].device)
     at = 0
     for r in raw:
         payload[at : at + r.numel()].copy_(r)
         at += r.numel()
-    out = payload.numpy()
-    out[at:] = np.array([checksum], dtype="<u8").view(np.uint8)
-    return out
+    payload[at:].copy_(torch.tensor(list(checksum.to_bytes(_CHECKSUM_BYTES, "little"))))
+    return payload
 
 
-def pack_topk(logits: torch.Tensor, k: int, payload_dtype: str, checksum: int) -> np.ndarray:
+def pack_topk(logits: torch.Tensor, k: int, payload_dtype: str, checksum: int) -> torch.Tensor:
     """A top-k payload (comm/topk.py): per row of the logits (..., C), its k largest
     log-probabilities in `payload_dtype`, then their int32 indices, then the batch checksum."""
     return _payload(list(topk_payload(logits, k, PAYLOAD_DTYPES[payload_dtype])), checksum)
 
 
 def unpack_topk(
-    row: np.ndarray, k: int, payload_dtype: str, shape, device: torch.device
+    row: torch.Tensor, k: int, payload_dtype: str, shape, device: torch.device
 ) -> torch.Tensor:
     """A peer's teacher logits (float32 log-probabilities, the rest of the mass spread evenly)
     from its top-k payload row."""
-    rows = int(np.prod(shape[:-1]))
+    rows = math.prod(shape[:-1])
     dtype = PAYLOAD_DTYPES[payload_dtype]
     n_values = rows * k * torch.finfo(dtype).bits // 8
-    raw = torch.from_numpy(row[:-_CHECKSUM_BYTES].copy())
+    raw = row[:-_CHECKSUM_BYTES].clone()
     values = raw[:n_values].view(dtype).view(*shape[:-1], k).to(device)
     indices = raw[n_values:].view(INDEX_DTYPE).view(*shape[:-1], k).to(device)
     return topk_teacher_logits(values, indices, shape[-1])
 
 
-def unpack_logits(row: np.ndarray, payload_dtype: str, shape, device: torch.device) -> torch.Tensor:
-    """A peer's logits from its payload row: float32 on `device`, for the loss (host -> device in
-    the payload dtype, widened there)."""
-    raw = torch.from_numpy(row[:-_CHECKSUM_BYTES].copy())
+def unpack_logits(
+    row: torch.Tensor, payload_dtype: str, shape, device: torch.device
+) -> torch.Tensor:
+    """A peer's logits from its payload row: float32 on `device`, for the loss (moved there, if
+    the row is elsewhere, in the payload dtype, and widened there)."""
+    raw = row[:-_CHECKSUM_BYTES].clone()
     return raw.view(PAYLOAD_DTYPES[payload_dtype]).view(shape).to(device).float()
 
 
-def payload_checksum(row: np.ndarray) -> int:
-    return int(row[-_CHECKSUM_BYTES:].copy().view("<u8")[0])
+def payload_checksum(row: torch.Tensor) -> int:
+    return int.from_bytes(bytes(row[-_CHECKSUM_BYTES:].tolist()), "little")
 
 
 class PredictionExchange(Exchange):
@@ -202,7 +210,7 @@ class PredictionExchange(Exchange):
 
     def __init__(
         self,
-        peer,
+        wire,
         model_id: int,
         every: int,
         batch_key: Callable[[int], tuple],
@@ -210,18 +218,20 @@ class PredictionExchange(Exchange):
         topk: int = 0,
         **counting,
     ):
+        """`wire`: the data plane's (comm/dataplane.py Wire), whose "peer" all-gather carries
+        the logits."""
         super().__init__(**counting)
         if payload_dtype not in PAYLOAD_DTYPES:
             raise ValueError(
                 f"payload_dtype must be one of {', '.join(PAYLOAD_DTYPES)}, got {payload_dtype!r}"
             )
-        self.peer, self.model_id, self.every, self.batch_key = peer, model_id, every, batch_key
+        self.wire, self.model_id, self.every, self.batch_key = wire, model_id, every, batch_key
         self.payload_dtype, self.topk = payload_dtype, topk  # topk 0: every logit
 
     @classmethod
-    def from_config(cls, c, *, comms, model, batch_key, group_by_link=None, **counting):
+    def from_config(cls, c, *, comms, wire, model, batch_key, group_by_link=None, **counting):
         return cls(
-            comms.peer,
+            wire,
             comms.model_id,
             c.every,
             batch_key,
@@ -241,7 +251,7 @@ class PredictionExchange(Exchange):
                 if k
                 else pack_logits(logits, self.payload_dtype, checksum)
             )
-            rows = self._allgather_bytes(self.peer, payload)
+            rows = self._allgather_bytes(self.wire, payload)
             sums = [payload_checksum(row) for row in rows]
             if len(set(sums)) != 1:
                 raise BatchMismatchError(
@@ -271,9 +281,10 @@ class WeightExchange(Exchange):
     The student distils only from step burn_in + delay on, so its first teachers are the peers
     as burn-in ends, never their random initial weights; during burn-in nothing is sent.
 
-    Sharded, off the critical path: the weights are snapshot to a host buffer at step t, and
-    non-blocking collectives on private duplicates of group_comm and peer_comm (so nothing else
-    on those communicators can interleave with them) move them while training goes on:
+    Sharded, off the critical path: the weights are snapshot to a buffer at step t (on the host
+    with the MPI wire, on the GPU with NCCL), and non-blocking all-gathers on a private wire (its
+    own duplicates of group_comm and peer_comm, or its own process groups, so nothing else can
+    interleave with them) move them while training goes on:
       1. group_comm allgather of the floating-point buffers (BatchNorm statistics), averaged:
          the teacher is defined as the peer model with its group-averaged buffers, as evaluation
          uses them, so every rank of a group gets the same teacher (the student's own buffers are
@@ -282,8 +293,9 @@ class WeightExchange(Exchange):
          shard r, so one copy of each model crosses the network per refresh, not G;
       3. group_comm allgather of the M-1 peer shards received, inside the node: every rank
          reassembles all M-1 teachers.
-    Each step Test()s the current stage (Horovod's background thread keeps MPI progressing in
-    between); the step t + delay waits for what is left and copies the teachers in. A
+    Each step tests the current stage (Horovod's background thread keeps MPI progressing in
+    between; gloo and NCCL progress on their own threads and streams); the step t + delay waits
+    for what is left and copies the teachers in. A
     checkpoint finishes a refresh in flight and saves its bytes (`pending_state`), so the
     resumed run installs the identical teachers at the same step.
     """
@@ -293,12 +305,11 @@ class WeightExchange(Exchange):
 
     def __init__(
         self,
-        peer,
+        wire,
         model_id: int,
         every: int,
         model: torch.nn.Module,
         *,
-        group,
         group_by_link: dict | None = None,
         burn_in_steps: int = 0,
         refresh_delay: int = 0,
@@ -309,16 +320,17 @@ class WeightExchange(Exchange):
             raise ValueError(f"refresh_delay must be in [0, every={every}), got {refresh_delay}")
         self.model_id, self.every, self.model = model_id, every, model
         self.burn_in, self.delay = int(burn_in_steps), int(refresh_delay)
-        # Private duplicates: refresh stages are posted at steps that depend on Test(), so they
-        # must not share a communicator with any other collective (logging, evaluation, ...).
-        self.peer, self.group = peer.Dup(), group.Dup()
+        # A private wire: refresh stages are posted at steps that depend on test(), so they must
+        # not share a communicator or process group with any other collective (logging, ...).
+        self.wire = wire.private()
         self.group_by_link = group_by_link or {}
         self.teachers = []
-        for _ in range(peer.Get_size() - 1):
+        m = self.wire.size("peer")
+        for _ in range(m - 1):
             t = copy.deepcopy(model).eval()
             t.requires_grad_(False)
             self.teachers.append(t)
-        self.others = [m for m in range(peer.Get_size()) if m != model_id]
+        self.others = [j for j in range(m) if j != model_id]
         self._layout()
         self._refresh = None  # the refresh in flight: taken_at, install_at, stage, request
         self.installed_from = None  # step the installed teachers were taken at (None: not yet)
@@ -326,13 +338,12 @@ class WeightExchange(Exchange):
         atexit.register(_finish_at_exit, weakref.ref(self))
 
     @classmethod
-    def from_config(cls, c, *, comms, model, batch_key, group_by_link=None, **counting):
+    def from_config(cls, c, *, comms, wire, model, batch_key, group_by_link=None, **counting):
         return cls(
-            comms.peer,
+            wire,
             comms.model_id,
             c.every,
             model,
-            group=comms.group,
             group_by_link=group_by_link,
             burn_in_steps=c.burn_in_steps,
             refresh_delay=c.refresh_delay,
@@ -348,7 +359,7 @@ class WeightExchange(Exchange):
         """First step whose teachers were taken at or after burn-in."""
         return self.mode.distills_from(burn_in=self.burn_in, refresh_delay=self.delay)
 
-    # ---- the payload: the state dict's bytes, in one host buffer
+    # ---- the payload: the state dict's bytes, in one buffer on the wire's device
     def _layout(self) -> None:
         """Where each tensor of the state dict sits in the payload: floating-point buffers first
         (stage 1 sends that prefix), larger elements first, so every offset is a multiple of its
@@ -369,23 +380,22 @@ class WeightExchange(Exchange):
             if key in averaged:
                 self.averaged_bytes = offset
         self.averaged = [e for e in self.entries if e[0] in averaged]
-        g, m = self.group.Get_size(), self.peer.Get_size()
+        g, m = self.wire.size("group"), self.wire.size("peer")
         if g == 1:  # one rank per model: its buffers are the group's mean
             self.averaged_bytes = 0
         self.nbytes = offset
         self.shard = -(-offset // g)  # S: the bytes each rank of a group sends its peers
-        # host buffers, allocated once: a refresh is installed before the next one starts
-        self._flat = np.zeros(g * self.shard, dtype=np.uint8)  # this model, padded
-        self._buffers_in = np.empty((g, max(self.averaged_bytes, 1)), dtype=np.uint8)
-        self._shards_in = np.empty((m, self.shard), dtype=np.uint8)  # shard r of every model
-        self._teachers_in = np.empty(
-            (g, m - 1, self.shard), dtype=np.uint8
-        )  # every shard of the peers
+        # buffers, allocated once: a refresh is installed before the next one starts
+        u8 = {"dtype": torch.uint8, "device": self.wire.device}
+        self._flat = torch.zeros(g * self.shard, **u8)  # this model, padded
+        self._buffers_in = torch.empty((g, max(self.averaged_bytes, 1)), **u8)
+        self._shards_in = torch.empty((m, self.shard), **u8)  # shard r of every model
+        self._teachers_in = torch.empty((g, m - 1, self.shard), **u8)  # every shard of the peers
 
     # ---- a refresh, stage by stage
     def _start(self, taken_at: int, install_at: int) -> None:
-        """Snapshot this model to the host buffer and post the first stage."""
-        flat = torch.from_numpy(self._flat)
+        """Snapshot this model to the buffer and post the first stage."""
+        flat = self._flat
         state = self.model.state_dict(keep_vars=True)
         with torch.no_grad():
             for key, offset, n, _, _ in self.entries:
@@ -407,8 +417,8 @@ class WeightExchange(Exchange):
         add = self.traffic.add
         if stage == self._AVERAGE:
             # group_comm: every rank's buffers, to average (inside the node when contiguous)
-            r["request"] = self.group.Iallgather(
-                self._flat[: self.averaged_bytes], self._buffers_in
+            r["request"] = self.wire.iallgather(
+                "group", self._flat[: self.averaged_bytes], self._buffers_in
             )
             add(
                 "exchange",
@@ -416,9 +426,9 @@ class WeightExchange(Exchange):
             )
         elif stage == self._PEER:
             # peer_comm: shard r of this model to the peers; shard r of each of theirs back
-            rank = self.group.Get_rank()
-            r["request"] = self.peer.Iallgather(
-                self._flat[rank * self.shard : (rank + 1) * self.shard], self._shards_in
+            rank = self.wire.rank("group")
+            r["request"] = self.wire.iallgather(
+                "peer", self._flat[rank * self.shard : (rank + 1) * self.shard], self._shards_in
             )
             add("exchange", {link: n * self.shard for link, n in self.peers_by_link.items()})
             self.bytes_received += (len(self._shards_in) - 1) * self.shard
@@ -429,10 +439,10 @@ class WeightExchange(Exchange):
                 self._shards_in[lo:hi]
                 if hi - lo == len(self.others)
                 else self._shards_in[self.others]
-            )
+            ).view(-1)
             r["send"] = send  # kept alive until the request completes
-            r["request"] = self.group.Iallgather(send, self._teachers_in)
-            add("exchange", {link: n * send.nbytes for link, n in self.group_by_link.items()})
+            r["request"] = self.wire.iallgather("group", send, self._teachers_in)
+            add("exchange", {link: n * send.numel() for link, n in self.group_by_link.items()})
 
     def _advance(self) -> None:
         """The current stage's request is complete: use its result and post the next stage."""
@@ -447,23 +457,22 @@ class WeightExchange(Exchange):
 
     def _average_buffers(self) -> None:
         """Write the group mean of every floating-point buffer into this model's payload."""
-        flat = torch.from_numpy(self._flat)
         for _, offset, n, dtype, shape in self.averaged:
-            raw = torch.from_numpy(np.ascontiguousarray(self._buffers_in[:, offset : offset + n]))
+            raw = self._buffers_in[:, offset : offset + n].contiguous()
             copies = raw.view(dtype).view(len(raw), *shape)
-            flat[offset : offset + n].copy_(copies.mean(0).view(-1).view(torch.uint8))
+            self._flat[offset : offset + n].copy_(copies.mean(0).view(-1).view(torch.uint8))
 
     def _progress(self) -> None:
         """Non-blocking: advance through every stage that has completed."""
         r = self._refresh
-        while r["stage"] != self._DONE and r["request"].Test():
+        while r["stage"] != self._DONE and r["request"].test():
             self._advance()
 
     def finish(self) -> None:
         """Block until the refresh in flight (if any) has arrived; installed at its own step."""
         r = self._refresh
         while r is not None and r["stage"] != self._DONE:
-            r["request"].Wait()
+            r["request"].wait()
             self._advance()
 
     def _install(self) -> None:
@@ -472,14 +481,10 @@ class WeightExchange(Exchange):
         self.wait_seconds += time.perf_counter() - start
         with torch.no_grad():
             for k, teacher in enumerate(self.teachers):
-                whole = np.ascontiguousarray(self._teachers_in[:, k, :]).reshape(
-                    -1
-                )  # a view when M = 2
+                whole = self._teachers_in[:, k, :].contiguous().view(-1)  # a view when M = 2
                 state = teacher.state_dict(keep_vars=True)
                 for key, offset, n, dtype, shape in self.entries:
-                    state[key].copy_(
-                        torch.from_numpy(whole[offset : offset + n]).view(dtype).view(shape)
-                    )
+                    state[key].copy_(whole[offset : offset + n].view(dtype).view(shape))
         self.installed_from = self._refresh["taken_at"]
         self._refresh = None
 
@@ -519,13 +524,13 @@ class WeightExchange(Exchange):
         return {
             "taken_at": r["taken_at"],
             "install_at": r["install_at"],
-            "teachers": torch.from_numpy(self._teachers_in.copy()),
+            "teachers": self._teachers_in.cpu().clone(),
         }
 
     def load_pending_state(self, state: dict | None) -> None:
         self._refresh = None
         if state is not None:
-            self._teachers_in[...] = state["teachers"].numpy()
+            self._teachers_in.copy_(state["teachers"])
             self._refresh = {
                 "taken_at": state["taken_at"],
                 "install_at": state["install_at"],
@@ -534,8 +539,8 @@ class WeightExchange(Exchange):
             }
 
     def state_dict(self) -> dict:
-        """This rank's counters. A refresh in flight completes first (its non-blocking peer_comm
-        and group_comm collectives): every rank of the world calls this at the same step."""
+        """This rank's counters. A refresh in flight completes first (its non-blocking all-gathers
+        among the peers and the group): every rank of the world calls this at the same step."""
         self.finish()
         return {
             **super().state_dict(),
@@ -578,16 +583,25 @@ def build_exchange(
     comms,
     model: torch.nn.Module,
     batch_key: Callable[[int], tuple],
+    wire: Callable[[], object] | None = None,
     traffic: Traffic | None = None,
     peers_by_link: dict | None = None,
     group_by_link: dict | None = None,
 ) -> Exchange:
     """The exchange for this run's `codistill.*` (c): none when M = 1 or alpha = 0, else the
-    mode's (comm/modes.py). `comms`: the rank's communicators; the *_by_link counts say how many
-    of this rank's peers and group sit on its node and on other nodes."""
+    mode's (comm/modes.py). `comms`: the rank's communicators; `wire`: the data plane's
+    `wire` method (comm/dataplane.py), called only when something travels (every rank calls
+    build_exchange at the same point); the *_by_link counts say how many of this rank's peers and
+    group sit on its node and on other nodes."""
     counting = {"traffic": traffic, "peers_by_link": peers_by_link}
     if comms.topology.n_models == 1 or c.alpha == 0:
         return NoExchange(**counting)
     return EXCHANGES[c.mode].from_config(
-        c, comms=comms, model=model, batch_key=batch_key, group_by_link=group_by_link, **counting
+        c,
+        comms=comms,
+        wire=wire(),
+        model=model,
+        batch_key=batch_key,
+        group_by_link=group_by_link,
+        **counting,
     )

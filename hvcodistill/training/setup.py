@@ -231,7 +231,7 @@ def build_trainer(
         plane.algorithm, comms.group_ranks, comms.world_rank, grad_bytes, comms.nodes
     )
     exchange = build_exchange(
-        c, comms=comms, model=model, batch_key=p.plan.key, traffic=traffic,
+        c, comms=comms, model=model, batch_key=p.plan.key, wire=plane.wire, traffic=traffic,
         peers_by_link=allgather_sends(comms.peer_ranks, comms.world_rank, 1, comms.nodes),
         group_by_link=allgather_sends(comms.group_ranks, comms.world_rank, 1, comms.nodes),
     )  # fmt: skip

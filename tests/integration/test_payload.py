@@ -4,15 +4,24 @@ import json
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, torch_backend
 from tests.mpi.checks import ident, result
 
 pytestmark = pytest.mark.mpi
 
 
-@pytest.mark.parametrize("check", [(4, "payload:fp16"), (6, "payload:bf16")], ids=ident)
+# the torch data plane's wire (the peers' process group) in the 4-rank job, beside Horovod's mpi4py
+@pytest.mark.parametrize(
+    "check",
+    [
+        (4, "payload:fp16"),
+        (6, "payload:bf16"),
+        pytest.param((4, "payload:bf16/torch"), marks=torch_backend, id="payload:bf16/torch-np4"),
+    ],
+    ids=ident,
+)
 def test_payloads_are_rounded_logits_and_counted(request, check):
-    np, dtype = check[0], check[1].split(":")[1]
+    np, dtype = check[0], check[1].split(":")[1].split("/")[0]
     assert result(request, check) == f"payloads ok: W={np} M={np // 2}, trainer {dtype}"
 
 

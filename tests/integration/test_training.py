@@ -56,11 +56,18 @@ EXCHANGE_LINES = {
 }
 
 
-@pytest.mark.parametrize(
-    "check", [(np, f"exchange:{what}") for np in (4, 6) for what in EXCHANGE_LINES], ids=ident
-)
+# the exchanges travel on the data plane's wire (mpi4py with Horovod, process groups with torch):
+# every case on each, the torch ones in the 4-rank job
+EXCHANGES = [(np, f"exchange:{what}") for np in (4, 6) for what in EXCHANGE_LINES]
+EXCHANGES += [
+    pytest.param(check, marks=torch_backend, id=ident(check))
+    for check in ((4, f"exchange:{what}/torch") for what in EXCHANGE_LINES)
+]
+
+
+@pytest.mark.parametrize("check", EXCHANGES, ids=ident)
 def test_exchange(request, check):
-    np, what = check[0], check[1].split(":")[1]
+    np, what = check[0], check[1].split(":")[1].split("/")[0]
     assert result(request, check) == f"{EXCHANGE_LINES[what]}: W={np} M={np // 2}"
 
 

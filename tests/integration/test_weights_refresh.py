@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, torch_backend
 from tests.mpi.checks import ident, result
 
 pytestmark = pytest.mark.mpi
@@ -16,7 +16,16 @@ pytestmark = pytest.mark.mpi
 CODISTILL = str(ROOT / "configs" / "digits_codistill.yaml")
 
 
-@pytest.mark.parametrize("check", [(4, "refresh"), (6, "refresh")], ids=ident)
+# the torch data plane's wire (private process groups) in the 4-rank job, beside Horovod's mpi4py
+@pytest.mark.parametrize(
+    "check",
+    [
+        (4, "refresh"),
+        (6, "refresh"),
+        pytest.param((4, "refresh/torch"), marks=torch_backend, id="refresh/torch-np4"),
+    ],
+    ids=ident,
+)
 def test_schedule_install_step_and_first_teachers(request, check):
     """Nothing sent in burn-in; teachers taken at t are installed at t + d exactly; the first
     distillation uses the peers as they were when burn-in ended (check_refresh.py, 24 steps:
@@ -51,9 +60,11 @@ def assert_parts_add_up(timing):
     assert sum(timing[k] for k in PARTS) == pytest.approx(timing["loop_s"], rel=1e-9)
 
 
-def test_resume_with_a_refresh_in_flight_is_exact_and_its_time_adds_up(ranks, tmp_path):
+@pytest.mark.parametrize("backend", ["horovod", pytest.param("torch", marks=torch_backend)])
+def test_resume_with_a_refresh_in_flight_is_exact_and_its_time_adds_up(ranks, tmp_path, backend):
     """A checkpoint at step 16 catches the refresh taken at 14 in flight (installed at 17): stopped
-    there and resumed, or checkpointed there and continued, the run ends bitwise the same.
+    there and resumed, or checkpointed there and continued, the run ends bitwise the same, on
+    each data plane (the refresh's all-gathers on mpi4py, or on torch's process groups).
     The time parts of its summary add up to loop_s in each segment (an equality, no clock bound),
     the ones that held something are above zero, the resumed segment's timer goes on from the
     checkpoint's, and TensorBoard has every part per step at every log step and at the end of each
@@ -69,6 +80,7 @@ def test_resume_with_a_refresh_in_flight_is_exact_and_its_time_adds_up(ranks, tm
                 "--config",
                 CODISTILL,
                 *WEIGHTS,
+                f"train.backend={backend}",
                 f"run.dir={run_dir}",
                 *overrides,
             ],

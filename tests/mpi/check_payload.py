@@ -44,7 +44,7 @@ def run(trainer_dtype, overrides):
     for dtype in PAYLOAD_DTYPES:
         traffic = Traffic()
         ex = PredictionExchange(
-            c.peer,
+            tr.plane.wire(),
             c.model_id,
             every=1,
             batch_key=tr.plan.key,

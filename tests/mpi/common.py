@@ -45,7 +45,14 @@ def connect(cfg, prepared):
         cfg, comms, make_data_plane(cfg.train.backend, comms, device.type), device, prepared
     )
     _opened.append(tr)
+    # what travels between the models goes on the data plane's own wire (comm/dataplane.py)
+    wire = getattr(tr.exchange, "wire", None)
+    if wire is not None and wire.name != WIRES[tr.plane.name]:
+        fail(f"the {tr.plane.name} data plane's exchange travels on {wire.name}")
     return tr
+
+
+WIRES = {"horovod": "mpi", "torch": "torch"}  # a data plane -> its exchanges' wire
 
 
 def close_case():
