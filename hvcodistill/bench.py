@@ -71,7 +71,7 @@ CALIBRATION = "alpha=0"  # the run whose compute time and intra-node all-reduce 
 REFERENCE = Variant(
     "plain Horovod loop", ("codistill.n_models=1",), "none", module="hvcodistill.reference"
 )
-# --backends horovod,torch (one host): the torch data plane beside Horovod, and its yardstick
+# --backends horovod,torch: the torch data plane beside Horovod, and (one host) its yardstick
 TORCH = "train.backend=torch"
 TORCH_VARIANTS = (
     Variant("all-reduce, torch", ("codistill.n_models=1", TORCH), "none"),
@@ -83,7 +83,12 @@ TORCH_VARIANTS = (
         ("codistill.mode=predictions", "codistill.every=10", TORCH),
         "predictions",
     ),
+    Variant(
+        "weights k=50, torch", ("codistill.mode=weights", "codistill.every=50", TORCH), "weights"
+    ),
 )
+# with --cluster: the torch runs of the training variants (the plain loops are one host's)
+TORCH_CLUSTER_VARIANTS = tuple(v for v in TORCH_VARIANTS if v.module == "hvcodistill.train")
 BACKEND_NAMES = ("horovod", "torch")
 
 
@@ -285,14 +290,25 @@ def crossovers(rows: list[dict], rates: list[str]) -> list[str]:
             )
         if (rate, TORCH_VARIANTS[1].name) in by:
             steps = {r["variant"]: r["round_step_ms"] for r in rows if r["rate"] == rate}
-            m1, ddp, k10 = (v.name for v in TORCH_VARIANTS)
+            m1, ddp, k10, w50 = (v.name for v in TORCH_VARIANTS)
             out.append(
                 f"all-reduce, torch / plain DDP loop: {_paired(steps[ddp], steps[m1])} "
                 "the reference's speed (1.00 = no overhead)"
             )
             out.append(
                 f"torch / Horovod, speed: M=1 {_paired(steps[VARIANTS[0].name], steps[m1])}; "
-                f"predictions k=10 {_paired(steps[VARIANTS[2].name], steps[k10])}"
+                f"predictions k=10 {_paired(steps[VARIANTS[2].name], steps[k10])}; "
+                f"weights k=50 {_paired(steps[VARIANTS[3].name], steps[w50])}"
+            )
+        elif (rate, TORCH_VARIANTS[0].name) in by:  # --cluster: one run each, no yardstick
+            out.append(
+                "torch / Horovod, speed (Horovod's step time / torch's): "
+                + "; ".join(
+                    f"{h.name} {by[(rate, h.name)] / by[(rate, t.name)]:.3f}x"
+                    for h, t in zip(
+                        (VARIANTS[0], VARIANTS[2], VARIANTS[3]), TORCH_CLUSTER_VARIANTS, strict=True
+                    )
+                )
             )
     for v in VARIANTS[1:]:
         faster = [rate for rate in rates if by[(rate, v.name)] < by[(rate, VARIANTS[0].name)]]
@@ -395,8 +411,8 @@ def parse_args(argv):
         "--backends",
         default="horovod",
         help="data planes (train.backend), comma-separated: horovod (default), or horovod,torch "
-        "to add M = 1 and predictions k=10 on torch.distributed and the plain DDP loop (one "
-        "host)",
+        "to add M = 1, predictions k=10 and weights k=50 on torch.distributed, and on one host "
+        "the plain DDP loop",
     )
     p.add_argument("--cluster", action="store_true", help="run on an emulated cluster (root)")
     p.add_argument(
@@ -423,8 +439,6 @@ def parse_args(argv):
     args.backends = [b.strip() for b in args.backends.split(",")]
     if "horovod" not in args.backends or any(b not in BACKEND_NAMES for b in args.backends):
         p.error(f"--backends: horovod, or horovod,torch (got {','.join(args.backends)})")
-    if args.cluster and "torch" in args.backends:
-        p.error("--backends torch runs on one host only (not with --cluster)")
     return args  # --config is read by main(): a missing or bad file is one line there, exit 2
 
 
@@ -518,6 +532,10 @@ def bench_cluster(args, common):
                 Path(tmp),
                 rate,
                 log=lambda m: print(m, file=sys.stderr, flush=True),
+                variants=(
+                    *VARIANTS,
+                    *(TORCH_CLUSTER_VARIANTS if "torch" in args.backends else ()),
+                ),
             )
             if inputs is None:
                 inputs = planner_inputs(args.config, common, measured[CALIBRATION])

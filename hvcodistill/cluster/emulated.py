@@ -350,6 +350,10 @@ class EmulatedCluster:
         # Open MPI yields when idle (see hvcodistill.launch); one OpenMP thread per rank.
         run_env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
         run_env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // np)))
+        # train.backend=torch: the node names resolve nowhere, so rank 0's rendezvous is node0's
+        # address and gloo binds each node's eth0 (the link the byte counters watch)
+        run_env.setdefault("MASTER_ADDR", self.address(self.hosts[0]))
+        run_env.setdefault("GLOO_SOCKET_IFNAME", "eth0")
         run_env.update({k: str(v) for k, v in (env or {}).items()})
         argv = [
             mpirun,
@@ -398,6 +402,8 @@ class EmulatedCluster:
             "PYTHONPATH",
             "OMP_NUM_THREADS",
             "OMPI_MCA_mpi_yield_when_idle",
+            "MASTER_ADDR",
+            "GLOO_SOCKET_IFNAME",
             *(env or {}),
         ]
         for var in dict.fromkeys(names):

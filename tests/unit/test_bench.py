@@ -119,29 +119,40 @@ def test_reference_ratio_is_the_median_of_paired_rounds():
 
 def test_torch_backend_lines_pair_each_run_with_its_yardstick():
     """--backends horovod,torch: M = 1 on torch against the plain DDP loop, and torch against
-    Horovod for M = 1 and predictions k=10, each the median of per-round ratios."""
+    Horovod for M = 1, predictions k=10 and weights k=50, each the median of per-round ratios;
+    on a cluster (no plain loop, one run each) the three step-time ratios."""
     from hvcodistill.bench import TORCH_VARIANTS
 
     measured = {v.name: summary(0.1) for v in VARIANTS}
     measured["all-reduce (M=1)"] = {**summary(0.2, models=1), "round_step_s": [0.2, 0.2, 0.2]}
     measured["predictions k=10"] = {**summary(0.1), "round_step_s": [0.1, 0.1, 0.1]}
-    m1, ddp, k10 = (v.name for v in TORCH_VARIANTS)
+    measured["weights k=50"] = {**summary(0.1), "round_step_s": [0.1, 0.1, 0.1]}
+    m1, ddp, k10, w50 = (v.name for v in TORCH_VARIANTS)
     measured[m1] = {**summary(0.25, models=1), "round_step_s": [0.25, 0.2, 0.4]}
     measured[ddp] = {"topology": {"world_size": 4}, "timing": {"step_s": 0.2}}
     measured[ddp]["round_step_s"] = [0.2, 0.2, 0.2]
     measured[k10] = {**summary(0.05), "round_step_s": [0.05, 0.05, 0.05]}
+    measured[w50] = {**summary(0.2), "round_step_s": [0.2, 0.2, 0.2]}
     lines = crossovers(rows_for(measured, "local"), ["local"])
     assert any(
         line.startswith("all-reduce, torch / plain DDP loop: 0.800x (median of 3 rounds paired")
         for line in lines
     ), lines
     assert any(
-        line.startswith("torch / Horovod, speed: M=1 0.800x") and "predictions k=10 2.000x" in line
+        line.startswith("torch / Horovod, speed: M=1 0.800x")
+        and "predictions k=10 2.000x" in line
+        and "weights k=50 0.500x" in line
         for line in lines
     ), lines
+    del measured[ddp]  # --cluster: no plain loop
+    lines = crossovers(rows_for(measured, "1gbit"), ["1gbit"])
+    assert (
+        "torch / Horovod, speed (Horovod's step time / torch's): all-reduce (M=1) 0.800x; "
+        "predictions k=10 2.000x; weights k=50 0.500x"
+    ) in lines, lines
 
 
-@pytest.mark.parametrize("backends", ["torch", "horovod,nccl", "horovod,torch --cluster"])
+@pytest.mark.parametrize("backends", ["torch", "horovod,nccl"])
 def test_bad_backends_are_one_line(backends):
     from hvcodistill.bench import parse_args
 
