@@ -138,10 +138,9 @@ class TorchWire:
 
     def __init__(self, dist, comms, device: torch.device):
         topology = comms.topology
-        groups = [dist.new_group(topology.group_members(m)) for m in range(topology.n_models)]
         peers = [dist.new_group(topology.peers(r)) for r in range(topology.group_size)]
         self.dist, self.comms, self.device = dist, comms, device
-        self.groups = {"group": groups[comms.model_id], "peer": peers[comms.group_rank]}
+        self.groups = {"group": model_group(dist, comms), "peer": peers[comms.group_rank]}
         self.sizes = {"group": topology.group_size, "peer": topology.n_models}
         self.ranks = {"group": comms.group_rank, "peer": comms.model_id}
         # torch >= 2.14 names it all_gather_single; all_gather_into_tensor before (deprecated)
@@ -173,6 +172,14 @@ class _TorchRequest:
 
     def wait(self):
         self.work.wait()
+
+
+def model_group(dist, comms):
+    """A new process group of this rank's model group. Every rank creates every model's, in the
+    same order (torch.distributed's rule), and keeps its own."""
+    topology = comms.topology
+    groups = [dist.new_group(topology.group_members(m)) for m in range(topology.n_models)]
+    return groups[comms.model_id]
 
 
 def optimizer_step(optimizer, scaler) -> None:
@@ -250,11 +257,7 @@ class TorchDataPlane:
     def __init__(self, comms, device_type: str):
         self.dist = dist = torch_world(comms.world, device_type)
         self.comms, self.device_type, self._wire = comms, device_type, None
-        # every rank creates every group, in the same order (torch.distributed's rule)
-        groups = [
-            dist.new_group(comms.topology.group_members(m)) for m in range(comms.topology.n_models)
-        ]
-        self.group = groups[comms.model_id]
+        self.group = model_group(dist, comms)
         self.group_size = comms.topology.group_size
         self.root = comms.group_ranks[0]  # group rank 0, as a world rank
         self._buckets: list[list[torch.nn.Parameter]] = []
